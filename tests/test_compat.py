@@ -1,0 +1,91 @@
+"""Each shim of utils/compat.py, with a check that fails without it."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BUILD_CONV = textwrap.dedent("""
+    import tensorflow as tf
+    from tensorpack.models import Conv2D
+    with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 8, 8, 3])
+        y = Conv2D('conv', x, 4, 3)
+        assert y.shape.as_list() == [1, 8, 8, 4], y.shape
+    print('BUILT')
+""")
+
+
+def _run(code, env_update=None, use_compat=True):
+    env = {k: v for k, v in os.environ.items() if k != 'TF_USE_LEGACY_KERAS'}
+    env.update(env_update or {})
+    env['PYTHONPATH'] = ROOT
+    prefix = 'import utils.compat\n' if use_compat else ''
+    return subprocess.run([sys.executable, '-c', prefix + code], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_legacy_keras_shim_makes_tensorpack_layers_build():
+    with_shim = _run(BUILD_CONV)
+    assert 'BUILT' in with_shim.stdout, with_shim.stderr[-2000:]
+    without = _run(BUILD_CONV, use_compat=False)
+    assert without.returncode != 0 and 'BUILT' not in without.stdout
+
+
+def test_compat_refuses_explicitly_disabled_legacy_keras():
+    p = _run('pass', env_update={'TF_USE_LEGACY_KERAS': '0'})
+    assert p.returncode != 0 and 'TF_USE_LEGACY_KERAS must be 1' in p.stderr
+
+
+HOROVOD_TRAIN = textwrap.dedent("""
+    import tensorflow as tf
+    from tensorpack import ModelDesc, TrainConfig, HorovodTrainer, launch_train_with_config
+    from tensorpack.dataflow import DataFromList
+    from tensorpack.utils import logger
+    class Tiny(ModelDesc):
+        def inputs(self):
+            return [tf.TensorSpec([2], tf.float32, 'x')]
+        def build_graph(self, x):
+            w = tf.compat.v1.get_variable('w', [2])
+            return tf.reduce_sum(tf.square(w - x), name='cost')
+        def optimizer(self):
+            return tf.compat.v1.train.GradientDescentOptimizer(0.1)
+    logger.set_logger_dir(LOGDIR, action='d')
+    df = DataFromList([[[1., 2.]]] * 4, shuffle=False)
+    cfg = TrainConfig(model=Tiny(), dataflow=df, steps_per_epoch=3, max_epoch=1, callbacks=[])
+    launch_train_with_config(cfg, HorovodTrainer())
+    print('TRAINED')
+""")
+
+
+def test_horovod_trainer_shim(tmp_path):
+    pytest.importorskip('horovod.tensorflow')
+    code = 'LOGDIR = {!r}\n'.format(str(tmp_path / 'log')) + HOROVOD_TRAIN
+    with_shim = _run(code)
+    assert 'TRAINED' in with_shim.stdout, with_shim.stderr[-3000:]
+    # Without the shim (simulated by removing the alias it adds) the trainer cannot start.
+    undo = 'import tensorflow as tf\ndel tf.global_variables\n'
+    without = _run(undo + code)
+    assert without.returncode != 0 and 'global_variables' in without.stderr
+
+
+def test_no_removed_numpy_or_scipy_names_in_our_code():
+    from utils.compat import REMOVED_NUMPY_ALIASES
+    pattern = re.compile(r'(?<![\w.])(' + '|'.join(re.escape(a) for a in REMOVED_NUMPY_ALIASES)
+                         + r')\b(?![\w.])')
+    offenders = []
+    for d, _, files in os.walk(ROOT):
+        if any(part.startswith('.') for part in os.path.relpath(d, ROOT).split(os.sep)):
+            continue
+        for f in files:
+            if f.endswith('.py') and f != 'compat.py':
+                path = os.path.join(d, f)
+                with open(path) as fh:
+                    for i, line in enumerate(fh, 1):
+                        if pattern.search(line.split('#')[0]):
+                            offenders.append('{}:{}: {}'.format(path, i, line.strip()))
+    assert not offenders, offenders

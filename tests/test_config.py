@@ -1,0 +1,169 @@
+"""config.py: parsing, unknown keys, types, sealing/freezing, validation, YAML round trip."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from config import ConfigError, config as cfg, finalize_configs, parse_value
+from dataset import DatasetRegistry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def fresh_cfg():
+    """Snapshot every leaf, hand the (unfrozen) config to the test, restore afterwards."""
+    cfg.freeze(False)
+    saved = {k: _get(k) for k in cfg.flat_keys()}
+    yield cfg
+    cfg.freeze(False)
+    for k, v in saved.items():
+        node, leaf = cfg._lookup(k)
+        node.__dict__[leaf] = v
+
+
+def _get(key):
+    node, leaf = cfg._lookup(key)
+    return node.__dict__[leaf]
+
+
+@pytest.fixture
+def toy_dataset():
+    DatasetRegistry.register('cfgtest_train', lambda: None)
+    DatasetRegistry.register_metadata('cfgtest_train', 'class_names', ['cat', 'dog'])
+    return 'cfgtest_train'
+
+
+def test_parse_value_literals_and_bare_words():
+    assert parse_value('3') == 3
+    assert parse_value('0.5') == 0.5
+    assert parse_value('[1, 2]') == [1, 2]
+    assert parse_value("('a',)") == ('a',)
+    assert parse_value('True') is True
+    assert parse_value('shapes_train') == 'shapes_train'   # bare word stays a string
+    assert parse_value('/data/coco') == '/data/coco'
+    assert parse_value('__import__("os")') == '__import__("os")'  # never evaluated
+
+
+def test_update_args_sets_typed_values(fresh_cfg):
+    cfg.update_args(['MODE_MASK=False', 'TRAIN.BASE_LR=1', 'DATA.TRAIN=shapes_train',
+                     'PREPROC.TRAIN_SHORT_EDGE_SIZE=[256,320]', 'DATA.BASEDIR=~/data'])
+    assert cfg.MODE_MASK is False
+    assert cfg.TRAIN.BASE_LR == 1.0 and isinstance(cfg.TRAIN.BASE_LR, float)
+    assert cfg.DATA.TRAIN == ('shapes_train',)          # a bare word for a tuple key
+    assert cfg.PREPROC.TRAIN_SHORT_EDGE_SIZE == [256, 320]
+    assert cfg.DATA.BASEDIR == '~/data'
+
+
+@pytest.mark.parametrize('arg, words', [
+    ('TRAIN.STEPS_PER_EPOCH=[1,2]', ['TRAIN.STEPS_PER_EPOCH', 'int', 'list']),
+    ('MODE_FPN=1', ['MODE_FPN', 'bool']),
+    ('TRAIN.BASE_LR=fast', ['TRAIN.BASE_LR', 'float', 'str']),
+    ('BACKBONE.NORM=3', ['BACKBONE.NORM', 'str']),
+    ('PREPROC.PIXEL_MEAN=1.0', ['PREPROC.PIXEL_MEAN', 'list']),
+])
+def test_wrong_types_are_clear_errors(fresh_cfg, arg, words):
+    with pytest.raises(ConfigError) as e:
+        cfg.update_args([arg])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_names_closest(fresh_cfg):
+    with pytest.raises(ConfigError) as e:
+        cfg.update_args(['TRAIN.BASE_LRR=0.1'])
+    assert 'TRAIN.BASE_LRR' in str(e.value) and 'TRAIN.BASE_LR' in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        cfg.update_args(['RESULTS_PER_IM=10'])
+    assert 'TEST.RESULTS_PER_IM' in str(e.value)
+    with pytest.raises(ConfigError):
+        cfg.update_args(['NOEQUALSIGN'])
+
+
+def test_sealed_and_frozen(fresh_cfg, toy_dataset):
+    with pytest.raises(AttributeError, match='BASE_LR'):
+        cfg.TRAIN.BASE_LRR          # reading an unknown key never creates it
+    with pytest.raises(AttributeError):
+        cfg.TRAIN.NEW_KEY = 1
+    cfg.TRAIN.BASE_LR = 0.1         # known keys stay writable until finalisation
+    cfg.update_args(['DATA.TRAIN=cfgtest_train'])
+    finalize_configs(is_training=True, num_gpus=0)
+    assert cfg.is_frozen()
+    with pytest.raises(AttributeError):
+        cfg.TRAIN.BASE_LR = 0.2
+    with pytest.raises(AttributeError):
+        cfg.TRAIN.NO_SUCH
+    with pytest.raises(ConfigError, match='frozen'):
+        cfg.update_args(['TRAIN.BASE_LR=0.3'])
+
+
+def test_finalize_derives_classes_and_format(fresh_cfg, toy_dataset):
+    cfg.update_args(['DATA.TRAIN=cfgtest_train'])
+    finalize_configs(is_training=True, num_gpus=0)
+    assert cfg.DATA.CLASS_NAMES == ['BG', 'cat', 'dog']
+    assert cfg.DATA.NUM_CATEGORY == 2
+    assert cfg.BACKBONE.DATA_FORMAT == 'NHWC'
+    assert cfg.RPN.NUM_ANCHOR == 3      # FPN: ratios per level
+    cfg.freeze(False)
+    cfg.update_args(['MODE_FPN=False', 'BACKBONE.DATA_FORMAT='])  # '' = auto again
+    finalize_configs(is_training=False, num_gpus=2)
+    assert cfg.RPN.NUM_ANCHOR == 15 and cfg.BACKBONE.DATA_FORMAT == 'NCHW'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['MODE_FPN=False', 'CASCADE.ENABLED=True'], 'CASCADE.ENABLED=True needs MODE_FPN'),
+    (['PREPROC.IMAGE_CHANNELS=1'], 'PREPROC.PIXEL_MEAN has 3 values'),
+    (['PREPROC.IMAGE_CHANNELS=4', 'PREPROC.PIXEL_MEAN=[1,2,3,4]'], 'PREPROC.PIXEL_STD has 3'),
+    (['PREPROC.CROP_SIZE=500'], 'PREPROC.CROP_SIZE=500 must be a multiple'),
+    (['PREPROC.TEST_SHORT_EDGE_SIZE=2000'], 'must not exceed PREPROC.MAX_SIZE'),
+    (['BACKBONE.DEPTH=42'], 'BACKBONE.DEPTH must be 18, 34, 50 or 101'),
+    (['BACKBONE.NORM=BN'], 'BACKBONE.NORM must be one of'),
+    (['TRAINER=ddp'], 'TRAINER must be'),
+    (['DATA.TRAIN=not_registered_anywhere'], 'not_registered_anywhere'),
+])
+def test_finalize_validation_errors(fresh_cfg, toy_dataset, args, message):
+    cfg.update_args(['DATA.TRAIN=cfgtest_train'] + args)
+    with pytest.raises(ConfigError) as e:
+        finalize_configs(is_training=True, num_gpus=0)
+    assert message in str(e.value)
+    assert not cfg.is_frozen()
+
+
+def test_grayscale_and_rgbd_validate(fresh_cfg, toy_dataset):
+    cfg.update_args(['DATA.TRAIN=cfgtest_train', 'PREPROC.IMAGE_CHANNELS=4',
+                     'PREPROC.PIXEL_MEAN=[1.,2.,3.,4.]', 'PREPROC.PIXEL_STD=[1,1,1,1]'])
+    finalize_configs(is_training=True, num_gpus=0)
+    assert cfg.PREPROC.PIXEL_STD == [1, 1, 1, 1]
+
+
+def test_yaml_round_trip(fresh_cfg, tmp_path):
+    cfg.update_args(['TRAIN.BASE_LR=0.123', 'DATA.VAL=("a","b")', 'MODE_MASK=False'])
+    path = str(tmp_path / 'c.yaml')
+    cfg.save_yaml(path)
+    saved = cfg.to_dict()
+    cfg.update_args(['TRAIN.BASE_LR=0.5', 'DATA.VAL=c', 'MODE_MASK=True'])
+    cfg.load_yaml(path)
+    assert cfg.to_dict() == saved
+    assert cfg.DATA.VAL == ('a', 'b') and cfg.TRAIN.BASE_LR == 0.123
+
+
+def test_yaml_unknown_key_is_error(fresh_cfg, tmp_path):
+    path = tmp_path / 'bad.yaml'
+    path.write_text('TRAIN:\n  BASE_LRR: 0.1\n')
+    with pytest.raises(ConfigError, match='TRAIN.BASE_LRR'):
+        cfg.load_yaml(str(path))
+    with pytest.raises(ConfigError, match='does not exist'):
+        cfg.load_yaml(str(tmp_path / 'missing.yaml'))
+
+
+def test_cli_unknown_key_exits_nonzero_naming_key():
+    """The Foundation acceptance check: `train.py --config NO.SUCH_KEY=1`."""
+    p = subprocess.run([sys.executable, 'train.py', '--config', 'NO.SUCH_KEY=1'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert 'NO.SUCH_KEY' in p.stderr
+    assert 'Traceback' not in p.stderr
+    p = subprocess.run([sys.executable, 'train.py', '--config', 'TRAIN.BASE_LRR=1'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and 'TRAIN.BASE_LR' in p.stderr

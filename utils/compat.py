@@ -1,0 +1,52 @@
+"""Every TF-version / tensorpack / NumPy workaround of this project, in one place.
+
+Import this module before anything imports TensorFlow: every entry point and
+``tests/conftest.py`` does ``import utils.compat  # noqa`` first. ``apply()`` is idempotent.
+Each shim says what it fixes and how to tell when it can be deleted.
+"""
+import os
+
+# Shim 1 -- Keras 2 for tf.layers.
+# tensorpack's layers (Conv2D, FullyConnected, BatchNorm, ...) wrap `tf.compat.v1.layers`,
+# which only exists with Keras 2. TF >= 2.16 ships Keras 3 unless TF_USE_LEGACY_KERAS=1 is
+# set BEFORE TensorFlow is first imported (tf-keras provides Keras 2).
+# Remove when tensorpack no longer uses tf.layers (i.e. never for tensorpack 0.11).
+os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
+# Silence TF's C++ INFO lines (CPU feature notices, oneDNN banners); warnings stay.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+
+def _legacy_keras_active():
+    return os.environ.get('TF_USE_LEGACY_KERAS') == '1'
+
+
+def _patch_tf_global_variables(tf):
+    """Shim 2 -- `tf.global_variables` for tensorpack's HorovodTrainer.
+
+    tensorpack 0.11 `HorovodTrainer._setup_graph` calls the TF1 name `tf.global_variables()`
+    on the TF2 module, which lacks it (AttributeError at trainer setup). We alias the v1 op.
+    Remove when `grep -n "tf.global_variables" tensorpack/train/trainers.py` finds nothing.
+    """
+    if not hasattr(tf, 'global_variables'):
+        tf.global_variables = tf.compat.v1.global_variables
+
+
+# Shim 3 -- NumPy 2 / SciPy removals. NumPy 2 removed the `np.int`, `np.bool`, `np.float`,
+# `np.object` aliases and SciPy removed `interp2d`. There is no patch here on purpose: our
+# code never uses them, and the tensorpack code paths that still do (dataflow.imgaug,
+# dataflow.serialize.NumpySerializer, utils.viz) are not used by this project.
+# tests/test_compat.py greps our sources so that nobody reintroduces them.
+REMOVED_NUMPY_ALIASES = ('np.int', 'np.bool', 'np.float', 'np.object', 'np.str', 'interp2d')
+
+
+def apply():
+    """Apply every shim that needs TensorFlow imported; returns the `tensorflow` module."""
+    import tensorflow as tf
+    _patch_tf_global_variables(tf)
+    return tf
+
+
+if not _legacy_keras_active():  # someone set it to 0 explicitly: tensorpack layers break
+    raise RuntimeError('TF_USE_LEGACY_KERAS must be 1 for tensorpack layers (it is "{}").'
+                       .format(os.environ.get('TF_USE_LEGACY_KERAS')))
+apply()
