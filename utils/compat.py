@@ -12,6 +12,10 @@ import os
 # set BEFORE TensorFlow is first imported (tf-keras provides Keras 2).
 # Remove when tensorpack no longer uses tf.layers (i.e. never for tensorpack 0.11).
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
+# Not a version shim but also import-order sensitive: tensorpack reads its serializer
+# choice once, at first import. msgpack(-numpy) is faster than pyarrow for our dicts of
+# arrays and needs no extra package.
+os.environ.setdefault('TENSORPACK_SERIALIZE', 'msgpack')
 # Silence TF's C++ INFO lines (CPU feature notices, oneDNN banners); warnings stay.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 

@@ -1,0 +1,457 @@
+"""Training and evaluation dataflows: roidbs -> augmented images, RPN and mask targets.
+
+Everything per image is NumPy (`TrainingDataPreprocessor`), run in worker processes.
+TensorFlow / tensorpack are imported only inside the two dataflow factories, so the
+preprocessor stays light in the workers.
+
+Coordinates are x1y1x2y2 in pixels of the resized image fed to the graph, floating-point
+convention (pixel i covers [i, i+1)). Output names, dtypes and shapes follow NOTES.md
+("Graph inputs"); `input_names` gives their order in each datapoint.
+"""
+import itertools
+import logging
+import math
+import os
+
+import numpy as np
+
+from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape, flip_boxes,
+                    flip_image, flip_polygons, polygons_to_box_frame_mask, read_image,
+                    resize_shortest_edge, scale_boxes, scale_polygons, shift_polygons)
+from config import config as cfg
+from dataset import DatasetRegistry
+from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
+from utils.np_box_ops import anchors_at_gt_max, max_iou_over_gt, pairwise_ioa
+
+# msgpack-numpy between data workers and the trainer. tensorpack reads this variable when
+# it is first imported, so this only helps if nothing imported tensorpack before us
+# (`get_train_dataflow` warns otherwise).
+os.environ.setdefault('TENSORPACK_SERIALIZE', 'msgpack')
+
+logger = logging.getLogger(__name__)
+
+__all__ = ['image_pad_multiple', 'input_names', 'get_anchor_labels', 'get_rpn_anchor_input',
+           'get_multilevel_rpn_anchor_input', 'TrainingDataPreprocessor',
+           'get_train_dataflow', 'get_eval_dataflow']
+
+# Anchor x ground-truth pairs per IoU chunk: ~16 MB per float32 temporary, whatever G.
+_IOU_CHUNK_PAIRS = 1 << 22
+# Preprocessed images buffered per worker: dense scenes carry N x M^2 mask bytes each.
+_BUFFER_PER_WORKER = 4
+
+
+def image_pad_multiple(mode_fpn):
+    """The graph pads H and W up to a multiple of this: 32 (FPN) or 16 (C4)."""
+    return 32 if mode_fpn else 16
+
+
+def _fpn_levels():
+    """FPN level l of each stride 2^l in cfg.FPN.ANCHOR_STRIDES, e.g. [2, 3, 4, 5, 6]."""
+    return [int(round(math.log2(s))) for s in cfg.FPN.ANCHOR_STRIDES]
+
+
+def input_names(mode_fpn, mode_mask):
+    """The graph's training input names, in the order of every training datapoint.
+
+    FPN: image, anchor_labels_lvl{2..6}, anchor_boxes_lvl{2..6}, gt_boxes, gt_labels
+    [, gt_masks]; C4: image, anchor_labels, anchor_boxes, gt_boxes, gt_labels [, gt_masks].
+    """
+    names = ['image']
+    if mode_fpn:
+        levels = _fpn_levels()
+        names += ['anchor_labels_lvl{}'.format(lv) for lv in levels]
+        names += ['anchor_boxes_lvl{}'.format(lv) for lv in levels]
+    else:
+        names += ['anchor_labels', 'anchor_boxes']
+    names += ['gt_boxes', 'gt_labels']
+    if mode_mask:
+        names.append('gt_masks')
+    return names
+
+
+def _chunk(num_anchors):
+    return max(1, _IOU_CHUNK_PAIRS // max(num_anchors, 1))
+
+
+def _max_ioa_with_crowd(anchors, crowd_boxes):
+    """float32 [A]: the largest fraction of each anchor covered by one crowd box."""
+    best = np.zeros(len(anchors), dtype=np.float32)
+    step = _chunk(len(anchors))
+    for start in range(0, len(crowd_boxes), step):
+        ioa = pairwise_ioa(crowd_boxes[start:start + step], anchors)  # [c, A]
+        np.maximum(best, ioa.max(axis=0), out=best)
+    return best
+
+
+def get_anchor_labels(anchors, gt_boxes, crowd_boxes, rng=None):
+    """RPN targets of the anchors that lie inside the image.
+
+    Foreground: IoU >= RPN.POSITIVE_ANCHOR_THRESH with some gt, or the best anchor(s) of
+    some gt (ties included; a gt that overlaps no anchor forces none). Background: IoU
+    < RPN.NEGATIVE_ANCHOR_THRESH with every gt. Anchors covered by a crowd box by more than
+    RPN.CROWD_OVERLAP_THRESH of their area are ignored. Then at most RPN.BATCH_PER_IM
+    labels stay, a fraction RPN.FG_RATIO of them foreground; the rest become -1.
+    All anchor x gt work is chunked over gt: memory does not grow with G.
+
+    Args:
+        anchors: float32 [A, 4]; gt_boxes: float32 [G, 4] (non-crowd);
+        crowd_boxes: float32 [Gc, 4]; rng: np.random.Generator for the subsampling.
+    Returns:
+        labels: int32 [A], 1 foreground, 0 background, -1 ignored.
+        boxes: float32 [A, 4], the gt matched to each foreground anchor (best IoU), 0 elsewhere.
+    """
+    rng = np.random.default_rng() if rng is None else rng
+    anchors = np.asarray(anchors, dtype=np.float32).reshape(-1, 4)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float32).reshape(-1, 4)
+    crowd_boxes = np.asarray(crowd_boxes, dtype=np.float32).reshape(-1, 4)
+    labels = np.zeros(len(anchors), dtype=np.int32)  # without gt, everything is background
+    matched = np.zeros((len(anchors), 4), dtype=np.float32)
+    if len(anchors) == 0:
+        return labels, matched
+    argmax = None
+    if len(gt_boxes):
+        max_iou, argmax, gt_max = max_iou_over_gt(anchors, gt_boxes, _chunk(len(anchors)))
+        labels[max_iou >= cfg.RPN.NEGATIVE_ANCHOR_THRESH] = -1
+        labels[max_iou >= cfg.RPN.POSITIVE_ANCHOR_THRESH] = 1
+        overlapping = gt_max > 0
+        if overlapping.any():
+            # An anchor tied at gt j's maximum has its own best IoU >= gt_max[j], so only
+            # anchors reaching the smallest such maximum can tie: exact, and few of them.
+            cand = np.flatnonzero(max_iou >= gt_max[overlapping].min())
+            forced = anchors_at_gt_max(anchors[cand], gt_boxes, gt_max, _chunk(len(cand)))
+            labels[cand[forced]] = 1
+    if len(crowd_boxes):
+        cand = np.flatnonzero(labels >= 0)
+        covered = _max_ioa_with_crowd(anchors[cand], crowd_boxes)
+        labels[cand[covered > cfg.RPN.CROWD_OVERLAP_THRESH]] = -1
+
+    fg = np.flatnonzero(labels == 1)
+    max_fg = int(cfg.RPN.BATCH_PER_IM * cfg.RPN.FG_RATIO)
+    if len(fg) > max_fg:
+        labels[rng.choice(fg, len(fg) - max_fg, replace=False)] = -1
+    bg = np.flatnonzero(labels == 0)
+    max_bg = cfg.RPN.BATCH_PER_IM - np.count_nonzero(labels == 1)
+    if len(bg) > max_bg:
+        labels[rng.choice(bg, len(bg) - max_bg, replace=False)] = -1
+    if argmax is not None:
+        fg = labels == 1
+        matched[fg] = gt_boxes[argmax[fg]]
+    return labels, matched
+
+
+def _anchor_field_size(image_shape, mult):
+    """The side the cached anchor grids cover: padded MAX_SIZE / CROP_SIZE (or the image)."""
+    side = max(cfg.PREPROC.MAX_SIZE, cfg.PREPROC.CROP_SIZE, *image_shape[:2])
+    return padded_size(side, mult)
+
+
+def _anchor_targets(image_shape, boxes, is_crowd, grids, rng):
+    """Label the anchors of several grids jointly.
+
+    Args:
+        grids: list of float32 [h_l, w_l, A, 4] anchors. boxes: [N, 4]; is_crowd: [N].
+    Returns:
+        list of (int32 [h_l, w_l, A] labels, float32 [h_l, w_l, A, 4] matched gt boxes).
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    is_crowd = np.asarray(is_crowd).reshape(-1).astype(bool)
+    flat = np.concatenate([g.reshape(-1, 4) for g in grids])
+    # Anchors crossing the (unpadded) image border are never trained on.
+    inside, inside_anchors = filter_boxes_inside_shape(flat, image_shape)
+    labels_in, boxes_in = get_anchor_labels(inside_anchors, boxes[~is_crowd], boxes[is_crowd],
+                                            rng)
+    labels = np.full(len(flat), -1, dtype=np.int32)
+    labels[inside] = labels_in
+    matched = np.zeros((len(flat), 4), dtype=np.float32)
+    matched[inside] = boxes_in
+    out, start = [], 0
+    for g in grids:
+        end = start + g.shape[0] * g.shape[1] * g.shape[2]
+        out.append((labels[start:end].reshape(g.shape[:3]), matched[start:end].reshape(g.shape)))
+        start = end
+    return out
+
+
+def _feature_shape(image_shape, mult, stride):
+    """(h, w) = ceil(padded / stride) of a feature map of ``stride`` (NOTES.md)."""
+    return tuple(int(math.ceil(padded_size(s, mult) / stride)) for s in image_shape[:2])
+
+
+def get_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None):
+    """C4 RPN targets.
+
+    Args:
+        image_shape: (H, W, ...) of the resized, unpadded image.
+        boxes: float32 [N, 4] all instances; is_crowd: [N] 0/1.
+    Returns:
+        anchor_labels int32 [h, w, A], anchor_boxes float32 [h, w, A, 4], with
+        h = ceil(Hp / RPN.ANCHOR_STRIDE), Hp = padded_size(H, 16), A = sizes x ratios.
+    """
+    mult, stride = image_pad_multiple(False), cfg.RPN.ANCHOR_STRIDE
+    grid = get_all_anchors(stride, cfg.RPN.ANCHOR_SIZES, cfg.RPN.ANCHOR_RATIOS,
+                           _anchor_field_size(image_shape, mult))
+    h, w = _feature_shape(image_shape, mult, stride)
+    return _anchor_targets(image_shape, boxes, is_crowd, [grid[:h, :w]], rng)[0]
+
+
+def get_multilevel_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None):
+    """FPN RPN targets, all levels labelled jointly (one foreground/background budget).
+
+    Args: as `get_rpn_anchor_input`.
+    Returns:
+        list over cfg.FPN.ANCHOR_STRIDES of (anchor_labels int32 [h_l, w_l, A],
+        anchor_boxes float32 [h_l, w_l, A, 4]), h_l = ceil(Hp / stride_l),
+        Hp = padded_size(H, 32), A = len(RPN.ANCHOR_RATIOS).
+    """
+    mult = image_pad_multiple(True)
+    grids = get_all_anchors_fpn(cfg.FPN.ANCHOR_STRIDES, cfg.RPN.ANCHOR_SIZES,
+                                cfg.RPN.ANCHOR_RATIOS, _anchor_field_size(image_shape, mult))
+    sliced = []
+    for stride, grid in zip(cfg.FPN.ANCHOR_STRIDES, grids):
+        h, w = _feature_shape(image_shape, mult, stride)
+        sliced.append(grid[:h, :w])
+    return _anchor_targets(image_shape, boxes, is_crowd, sliced, rng)
+
+
+def _config_snapshot():
+    """(dotted key -> value, frozen) of the global config."""
+    def walk(tree, prefix):
+        for k, v in tree.items():
+            yield from walk(v, prefix + k + '.') if isinstance(v, dict) else [(prefix + k, v)]
+    return dict(walk(cfg.to_dict(), '')), cfg.is_frozen()
+
+
+def _restore_config(snapshot):
+    values, frozen = snapshot
+    if values == _config_snapshot()[0]:
+        return
+    cfg.freeze(False)
+    for key, value in values.items():
+        cfg.set_value(key, value)
+    cfg.freeze(frozen)
+
+
+def _parse_annotations(roidb):
+    """boxes float32 [N, 4], classes int64 [N], is_crowd bool [N] of a roidb (new arrays)."""
+    boxes = np.array(roidb['boxes'], dtype=np.float32).reshape(-1, 4)
+    klass = np.array(roidb['class'], dtype=np.int64).reshape(-1)
+    is_crowd = np.asarray(roidb.get('is_crowd', np.zeros(len(boxes)))).reshape(-1).astype(bool)
+    return boxes, klass, is_crowd
+
+
+def _instance_polygons(roidb, num):
+    """Per instance a list of [K, 2] polygons; crowd RLEs and missing masks give []."""
+    segms = roidb.get('segmentation')
+    if segms is None:
+        return [[] for _ in range(num)]
+    return [[] if isinstance(s, dict) else list(s) for s in segms]
+
+
+class TrainingDataPreprocessor:
+    """roidb -> dict of the graph's training inputs (NOTES.md), or None to skip the image.
+
+    Picklable. The config is read when called; the one seen at construction travels with
+    the object, so a worker started with 'spawn' (fresh default config) uses it too. Each
+    process draws its own random stream (forked workers must not repeat each other).
+    """
+
+    def __init__(self, seed=None):
+        """seed (int or None): augmentation seed; None draws one from the OS."""
+        self._config = _config_snapshot()
+        self._seed = seed
+        self._owner_pid = os.getpid()
+        self._rng, self._rng_pid = None, None
+        self._num_no_gt = 0
+        self._warned_no_masks = False
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state['_rng'], state['_rng_pid'] = None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _restore_config(self._config)
+
+    def _get_rng(self):
+        pid = os.getpid()
+        if self._rng_pid != pid:
+            entropy = None
+            if self._seed is not None:
+                entropy = [self._seed] if pid == self._owner_pid else [self._seed, pid]
+            self._rng, self._rng_pid = np.random.default_rng(entropy), pid
+        return self._rng
+
+    def __call__(self, roidb):
+        try:
+            return self._process(roidb)
+        except ImageReadError as e:
+            logger.warning('Skipping training image: %s', e)
+        except Exception:  # a bad annotation must not kill a long run; say which image
+            logger.exception('Skipping training image "%s": preprocessing failed.',
+                             roidb.get('file_name'))
+        return None
+
+    def _process(self, roidb):
+        rng = self._get_rng()
+        pre = cfg.PREPROC
+        img = read_image(roidb['file_name'])
+        boxes, klass, is_crowd = _parse_annotations(roidb)
+        segms = _instance_polygons(roidb, len(boxes)) if cfg.MODE_MASK else None
+        if cfg.MODE_MASK and roidb.get('segmentation') is None and not self._warned_no_masks:
+            self._warned_no_masks = True
+            logger.warning('"%s" has no segmentation: its gt_masks are full boxes (MODE_MASK '
+                           'on detection-only data).', roidb['file_name'])
+
+        short = int(rng.integers(pre.TRAIN_SHORT_EDGE_SIZE[0], pre.TRAIN_SHORT_EDGE_SIZE[1] + 1))
+        img, (sy, sx) = resize_shortest_edge(img, short, pre.MAX_SIZE)
+        boxes = scale_boxes(boxes, sy, sx)
+        if segms is not None:
+            segms = scale_polygons(segms, sy, sx)
+        if pre.HORIZONTAL_FLIP and rng.random() < 0.5:
+            width = img.shape[1]
+            img, boxes = flip_image(img), flip_boxes(boxes, width)
+            if segms is not None:
+                segms = flip_polygons(segms, width)
+        if pre.CROP_SIZE > 0:
+            img, boxes, segms = _random_crop(img, boxes, segms, pre.CROP_SIZE, rng)
+        boxes = clip_boxes(boxes, img.shape)
+        keep = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+        boxes, klass, is_crowd = boxes[keep], klass[keep], is_crowd[keep]
+        if segms is not None:
+            segms = [segms[i] for i in keep]
+
+        gt = np.flatnonzero(~is_crowd)
+        if len(gt) == 0:
+            self._num_no_gt += 1
+            logger.warning('Skipping training image "%s": no non-crowd box left after '
+                           'augmentation (%d such images so far in this process).',
+                           roidb['file_name'], self._num_no_gt)
+            return None
+        ret = {'image': np.ascontiguousarray(img, dtype=np.float32)}
+        # RPN targets use every instance (memory is chunked anyway), so instances dropped
+        # by MAX_GT_INSTANCES below do not turn their anchors into background.
+        if cfg.MODE_FPN:
+            targets = get_multilevel_rpn_anchor_input(img.shape, boxes, is_crowd, rng)
+            for lv, (labels, matched) in zip(_fpn_levels(), targets):
+                ret['anchor_labels_lvl{}'.format(lv)] = labels
+                ret['anchor_boxes_lvl{}'.format(lv)] = matched
+        else:
+            ret['anchor_labels'], ret['anchor_boxes'] = get_rpn_anchor_input(
+                img.shape, boxes, is_crowd, rng)
+
+        limit = cfg.DATA.MAX_GT_INSTANCES
+        if 0 < limit < len(gt):
+            logger.info('"%s": training on a random %d of its %d instances '
+                        '(DATA.MAX_GT_INSTANCES).', roidb['file_name'], limit, len(gt))
+            gt = np.sort(rng.choice(gt, limit, replace=False))
+        ret['gt_boxes'] = boxes[gt]
+        ret['gt_labels'] = klass[gt]
+        if cfg.MODE_MASK:
+            # Each mask is rasterised in its own box frame: N x M^2 bytes, never H x W.
+            size = cfg.MRCNN.GT_MASK_SIZE
+            masks = np.zeros((len(gt), size, size), dtype=np.uint8)
+            for k, i in enumerate(gt):
+                masks[k] = polygons_to_box_frame_mask(segms[i], boxes[i], size)
+            ret['gt_masks'] = masks
+        return ret
+
+
+def _random_crop(img, boxes, segms, crop, rng):
+    """A random crop x crop window (smaller sides kept whole); boxes/polygons shifted."""
+    h, w = img.shape[:2]
+    ch, cw = min(crop, h), min(crop, w)
+    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    boxes = boxes - np.float32([x0, y0, x0, y0])
+    if segms is not None:
+        segms = shift_polygons(segms, -x0, -y0)
+    return img[y0:y0 + ch, x0:x0 + cw], boxes, segms
+
+
+def _has_usable_box(roidb):
+    """True if the roidb has a non-crowd box of positive width and height."""
+    boxes, _, crowd = _parse_annotations(roidb)
+    ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & ~crowd
+    return bool(ok.any())
+
+
+def _check_serializer():
+    from tensorpack.dataflow import parallel_map
+    from tensorpack.utils.serialize import MsgpackSerializer
+    if parallel_map.dumps is not MsgpackSerializer.dumps:
+        logger.warning('Data workers do not use msgpack-numpy: set TENSORPACK_SERIALIZE=msgpack '
+                       'before tensorpack is first imported.')
+
+
+def get_train_dataflow(shard=None):
+    """The training dataflow: lists ordered as `input_names(cfg.MODE_FPN, cfg.MODE_MASK)`.
+
+    Roidbs of every dataset in DATA.TRAIN are concatenated, images without a usable
+    non-crowd box dropped (DATA.FILTER_EMPTY_ANNOTATIONS), shuffled each epoch and
+    preprocessed by DATA.NUM_WORKERS processes (0: in this process). Skipped images
+    (unreadable, nothing left after augmentation) are logged and never yielded.
+
+    Args:
+        shard ((rank, size) or None): with Horovod, rank r takes every size-th image of one
+            fixed permutation (the same on every rank, so the shards are disjoint).
+    """
+    from tensorpack.dataflow import DataFromList, MapData, MultiProcessMapData
+
+    roidbs = list(itertools.chain.from_iterable(
+        DatasetRegistry.get(name).training_roidbs() for name in cfg.DATA.TRAIN))
+    total = len(roidbs)
+    if cfg.DATA.FILTER_EMPTY_ANNOTATIONS:
+        roidbs = [r for r in roidbs if _has_usable_box(r)]
+        logger.info('Filtered %d images with no annotations out of %d.',
+                    total - len(roidbs), total)
+    if shard is not None:
+        rank, size = shard
+        order = np.random.default_rng(cfg.TRAIN.SEED).permutation(len(roidbs))
+        roidbs = [roidbs[i] for i in order[rank::size]]
+        logger.info('Rank %d of %d trains on %d images.', rank, size, len(roidbs))
+    if not roidbs:
+        raise ValueError('No training images left in DATA.TRAIN={} (shard {}).'.format(
+            list(cfg.DATA.TRAIN), shard))
+
+    rank = shard[0] if shard is not None else 0
+    preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank)
+    ds = DataFromList(roidbs, shuffle=True)
+    workers = cfg.DATA.NUM_WORKERS
+    if workers > 0:
+        _check_serializer()
+        ds = MultiProcessMapData(ds, num_proc=workers, map_func=preprocess,
+                                 buffer_size=_BUFFER_PER_WORKER * workers)
+    else:
+        ds = MapData(ds, preprocess)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    return MapData(ds, lambda dp: [dp[n] for n in names])
+
+
+class _EvalImageReader:
+    """roidb -> [image float32 [H, W, C] at original size, image_id], or None (logged)."""
+
+    def __init__(self):
+        self.num_skipped = 0
+
+    def __call__(self, roidb):
+        try:
+            return [read_image(roidb['file_name']), roidb['image_id']]
+        except ImageReadError as e:
+            self.num_skipped += 1
+            logger.warning('Skipping evaluation image (%d so far): %s', self.num_skipped, e)
+            return None
+
+
+def get_eval_dataflow(name, shard=0, num_shards=1):
+    """Images of dataset ``name``'s inference roidbs, as [image, image_id].
+
+    Shard k of n gets the k-th contiguous 1/n of the images (the last one the remainder).
+    Unreadable images are logged, counted and skipped.
+    """
+    from tensorpack.dataflow import DataFromList, MapData
+
+    roidbs = DatasetRegistry.get(name).inference_roidbs()
+    per_shard = len(roidbs) // num_shards
+    start = shard * per_shard
+    end = len(roidbs) if shard == num_shards - 1 else start + per_shard
+    return MapData(DataFromList(roidbs[start:end], shuffle=False), _EvalImageReader())

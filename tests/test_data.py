@@ -1,0 +1,449 @@
+"""common.py and data.py: image reading, geometry, masks, anchor targets, dataflows."""
+import logging
+import math
+import os
+import pickle
+import tracemalloc
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+
+import common
+import data
+from common import ImageReadError, read_image
+from config import config as cfg
+from dataset import DatasetRegistry, DatasetSplit
+from utils.anchors import get_all_anchors, padded_size
+from utils.np_box_ops import pairwise_iou
+
+BALLOON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           '..', 'shared', 'data', 'balloon')
+
+
+@pytest.fixture
+def tiny_cfg():
+    """Small images and masks; the global config is restored afterwards."""
+    saved = data._config_snapshot()
+    cfg.freeze(False)
+    cfg.PREPROC.TRAIN_SHORT_EDGE_SIZE = [96, 128]
+    cfg.PREPROC.MAX_SIZE = 200
+    cfg.PREPROC.IMAGE_CHANNELS, cfg.PREPROC.CHANNEL_ORDER = 3, 'BGR'
+    cfg.MRCNN.GT_MASK_SIZE = 28
+    cfg.DATA.NUM_WORKERS = 0
+    cfg.DATA.MAX_GT_INSTANCES = 0
+    yield cfg
+    data._restore_config(saved)
+
+
+def _full_mask(polygons, h, w):
+    """Reference full-image rasterisation (test only): uint8 [h, w]."""
+    flat = [np.asarray(p, np.float64).reshape(-1).tolist() for p in polygons]
+    return mask_util.decode(mask_util.merge(mask_util.frPyObjects(flat, h, w)))
+
+
+def _write_scene(path, h=100, w=140):
+    """An image with a bright triangle and a bright rectangle on black; returns its roidb."""
+    polys = [np.float32([[10, 12], [52, 12], [30, 62]]),
+             np.float32([[70, 20], [124, 20], [124, 88], [70, 88]])]
+    img = np.zeros((h, w, 3), np.uint8)
+    for p in polys:
+        img[_full_mask([p], h, w).astype(bool)] = 255
+    cv2.imwrite(path, img)
+    boxes = np.float32([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()]
+                        for p in polys])
+    return {'file_name': path, 'image_id': os.path.basename(path), 'height': h, 'width': w,
+            'boxes': boxes, 'class': np.int32([1, 2]), 'is_crowd': np.int8([0, 0]),
+            'segmentation': [[p] for p in polys]}
+
+
+class _ListSplit(DatasetSplit):
+    def __init__(self, roidbs):
+        self._roidbs = roidbs
+
+    def training_roidbs(self):
+        return self._roidbs
+
+    def inference_roidbs(self):
+        return [{'file_name': r['file_name'], 'image_id': r['image_id']} for r in self._roidbs]
+
+
+def _register(name, roidbs):
+    DatasetRegistry.register(name, lambda: _ListSplit(roidbs))
+    return name
+
+
+# ---------------------------------------------------------------------------- read_image
+
+def test_read_image_layouts(tmp_path):
+    rs = np.random.RandomState(0)
+    bgr = rs.randint(0, 256, (6, 5, 3)).astype(np.uint8)
+    gray = rs.randint(0, 256, (6, 5)).astype(np.uint8)
+    bgra = rs.randint(0, 256, (6, 5, 4)).astype(np.uint8)
+    deep = rs.randint(0, 65536, (6, 5, 3)).astype(np.uint16)
+    paths = {}
+    for name, img in [('bgr', bgr), ('gray', gray), ('bgra', bgra), ('deep', deep)]:
+        paths[name] = str(tmp_path / (name + '.png'))
+        assert cv2.imwrite(paths[name], img)
+
+    out = read_image(paths['bgr'], 3, 'BGR')
+    assert out.dtype == np.float32 and out.shape == (6, 5, 3)
+    np.testing.assert_array_equal(out, bgr)
+    np.testing.assert_array_equal(read_image(paths['bgr'], 3, 'RGB'), bgr[:, :, ::-1])
+    np.testing.assert_array_equal(read_image(paths['gray'], 3, 'BGR'),
+                                  np.repeat(gray[:, :, None], 3, 2))
+    np.testing.assert_array_equal(read_image(paths['gray'], 1, 'BGR'), gray[:, :, None])
+    np.testing.assert_allclose(read_image(paths['bgr'], 1, 'BGR')[:, :, 0],
+                               cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), atol=0.5)
+    np.testing.assert_array_equal(read_image(paths['bgra'], 3, 'BGR'), bgra[:, :, :3])
+    rgbd = read_image(paths['bgra'], 4, 'RGB')
+    assert rgbd.shape == (6, 5, 4)
+    np.testing.assert_array_equal(rgbd[:, :, :3], bgra[:, :, 2::-1])
+    np.testing.assert_array_equal(rgbd[:, :, 3], bgra[:, :, 3])
+    out16 = read_image(paths['deep'], 3, 'BGR')
+    np.testing.assert_allclose(out16, deep / 257., rtol=1e-6)
+    assert out16.max() <= 255.
+
+
+def test_read_image_errors(tmp_path):
+    missing = str(tmp_path / 'missing.png')
+    with pytest.raises(ImageReadError, match='missing.png.*no such file'):
+        read_image(missing, 3, 'BGR')
+    corrupt = tmp_path / 'corrupt.png'
+    corrupt.write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
+    with pytest.raises(ImageReadError, match='corrupt.png'):
+        read_image(str(corrupt), 3, 'BGR')
+    three = str(tmp_path / 'three.png')
+    cv2.imwrite(three, np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ImageReadError, match='three.png.*expects 4'):
+        read_image(three, 4, 'BGR')
+
+
+# ---------------------------------------------------------------------------- geometry
+
+def test_resize_shortest_edge_and_box_scale():
+    img = np.zeros((100, 300, 3), np.float32)
+    out, (sy, sx) = common.resize_shortest_edge(img, 50, 1000)
+    assert out.shape == (50, 150, 3) and (sy, sx) == (0.5, 0.5)
+    out, (sy, sx) = common.resize_shortest_edge(img, 80, 200)  # long edge capped
+    assert out.shape == (67, 200, 3)
+    assert (sy, sx) == (67 / 100, 200 / 300)
+    np.testing.assert_allclose(common.scale_boxes(np.float32([[0, 0, 300, 100]]), sy, sx),
+                               [[0, 0, 200, 67]], rtol=1e-6)
+    gray, _ = common.resize_shortest_edge(np.zeros((10, 20, 1), np.float32), 5, 100)
+    assert gray.shape == (5, 10, 1)
+
+
+def test_flip_boxes_polygons_match_flipped_mask():
+    h, w = 40, 50
+    polys = [np.float32([[3, 4], [30, 4], [20, 33], [3, 20]])]
+    fpolys = common.flip_polygons([polys], w)[0]
+    np.testing.assert_array_equal(_full_mask(fpolys, h, w), _full_mask(polys, h, w)[:, ::-1])
+    box = np.float32([[3, 4, 30, 33]])
+    fbox = common.flip_boxes(box, w)
+    np.testing.assert_array_equal(fbox, [[w - 30, 4, w - 3, 33]])
+    np.testing.assert_array_equal(fbox[0, [0, 2]], [fpolys[0][:, 0].min(), fpolys[0][:, 0].max()])
+
+
+def test_box_frame_mask_matches_cropped_full_mask():
+    # Integer box and M = box size: the box-frame bitmap IS the crop of the full mask.
+    poly = np.float32([[12, 10], [40, 16], [30, 38], [14, 30]])
+    box = np.float32([12, 10, 40, 38])
+    full = _full_mask([poly], 60, 60)
+    exact = common.polygons_to_box_frame_mask([poly], box, 28)
+    assert exact.dtype == np.uint8 and exact.shape == (28, 28)
+    np.testing.assert_array_equal(exact, full[10:38, 12:40])
+    # Fractional box, different resolution: agrees with the full mask sampled at each bitmap
+    # pixel's centre up to boundary pixels.
+    poly = np.float32([[10.3, 7.6], [57.2, 20.1], [33.7, 51.9], [12.8, 40.4]])
+    box = np.float32([10.3, 7.6, 57.2, 51.9])
+    full = _full_mask([poly], 60, 60)
+    m = 20
+    xs = (box[0] + (np.arange(m) + 0.5) * (box[2] - box[0]) / m).astype(int)
+    ys = (box[1] + (np.arange(m) + 0.5) * (box[3] - box[1]) / m).astype(int)
+    sampled = full[ys[:, None], xs[None, :]]
+    mask = common.polygons_to_box_frame_mask([poly], box, m)
+    assert mask.sum() > 0.4 * m * m
+    assert (mask == sampled).mean() > 0.93
+    # No polygon (detection-only data): the whole box; 2-point polygons are ignored.
+    assert common.polygons_to_box_frame_mask([], box, 4).all()
+    assert common.polygons_to_box_frame_mask([np.float32([[0, 0], [5, 5]])], box, 4).all()
+
+
+# ---------------------------------------------------------------------------- anchor labels
+
+def _dense_reference(anchors, gt, pos, neg):
+    iou = pairwise_iou(anchors, gt)
+    max_iou, argmax, gt_max = iou.max(1), iou.argmax(1), iou.max(0)
+    labels = np.full(len(anchors), -1, np.int32)
+    labels[max_iou < neg] = 0
+    labels[((iou == gt_max[None]) & (gt_max[None] > 0)).any(1)] = 1
+    labels[max_iou >= pos] = 1
+    matched = np.where((labels == 1)[:, None], gt[argmax], 0).astype(np.float32)
+    return labels, matched
+
+
+def test_anchor_labels_equal_dense_reference(tiny_cfg, monkeypatch):
+    cfg.RPN.BATCH_PER_IM = 10 ** 6  # no subsampling: compare every label
+    monkeypatch.setattr(data, '_IOU_CHUNK_PAIRS', 5000)  # many chunks over gt
+    rs = np.random.RandomState(1)
+    anchors = get_all_anchors(16, (24, 48), (0.5, 1, 2), 160)[:8, :10].reshape(-1, 4)
+    _, anchors = common.filter_boxes_inside_shape(anchors, (128, 160))
+    xy = rs.uniform(0, 120, (40, 2))
+    gt = np.concatenate([xy, xy + rs.uniform(6, 60, (40, 2))], 1).astype(np.float32)
+    gt = np.concatenate([gt, gt[:1]])  # a duplicate gt: ties across gt too
+    labels, matched = data.get_anchor_labels(anchors, gt, np.zeros((0, 4)))
+    ref_labels, ref_matched = _dense_reference(anchors, gt, cfg.RPN.POSITIVE_ANCHOR_THRESH,
+                                               cfg.RPN.NEGATIVE_ANCHOR_THRESH)
+    assert labels.dtype == np.int32 and matched.dtype == np.float32
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_array_equal(matched, ref_matched)
+    assert (labels == 1).sum() >= 20
+
+
+def test_anchor_labels_ties_zero_overlap_crowd_and_subsampling(tiny_cfg):
+    anchors = np.float32([[0, 0, 10, 10], [10, 0, 20, 10], [50, 50, 60, 60], [80, 80, 90, 90]])
+    gt = np.float32([[5, 0, 15, 10], [200, 200, 210, 210]])  # 2nd overlaps no anchor
+    labels, matched = data.get_anchor_labels(anchors, gt, np.zeros((0, 4)))
+    # Both tied best anchors (IoU 1/3, between the thresholds) are foreground.
+    np.testing.assert_array_equal(labels, [1, 1, 0, 0])
+    np.testing.assert_array_equal(matched[:2], gt[[0, 0]])
+    cfg.RPN.CROWD_OVERLAP_THRESH = 0.7
+    labels, _ = data.get_anchor_labels(anchors, gt, np.float32([[48, 48, 62, 62]]))
+    np.testing.assert_array_equal(labels, [1, 1, -1, 0])
+
+    cfg.RPN.BATCH_PER_IM, cfg.RPN.FG_RATIO = 16, 0.25
+    rs = np.random.RandomState(2)
+    xy = rs.uniform(0, 900, (2000, 2))
+    many = np.concatenate([xy, xy + 64], 1).astype(np.float32)
+    labels, _ = data.get_anchor_labels(many, many[::3] + 1, np.zeros((0, 4)),
+                                       np.random.default_rng(0))
+    assert (labels == 1).sum() == 4 and (labels == 0).sum() == 12
+
+
+def test_anchor_input_shapes(tiny_cfg):
+    boxes = np.float32([[10, 10, 60, 50], [5, 5, 30, 30]])
+    crowd = np.int8([0, 1])
+    for shape in [(100, 140), (128, 200), (97, 33)]:
+        levels = data.get_multilevel_rpn_anchor_input(shape, boxes, crowd)
+        assert len(levels) == len(cfg.FPN.ANCHOR_STRIDES)
+        for stride, (labels, aboxes) in zip(cfg.FPN.ANCHOR_STRIDES, levels):
+            h, w = (math.ceil(padded_size(s, 32) / stride) for s in shape)
+            assert labels.shape == (h, w, len(cfg.RPN.ANCHOR_RATIOS)) and labels.dtype == np.int32
+            assert aboxes.shape == (h, w, len(cfg.RPN.ANCHOR_RATIOS), 4)
+        labels, aboxes = data.get_rpn_anchor_input(shape, boxes, crowd)
+        h, w = (math.ceil(padded_size(s, 16) / 16) for s in shape)
+        num = len(cfg.RPN.ANCHOR_SIZES) * len(cfg.RPN.ANCHOR_RATIOS)
+        assert labels.shape == (h, w, num) and aboxes.shape == (h, w, num, 4)
+        if min(shape) < 64:  # no C4 anchor fits inside such a narrow image
+            assert (labels == -1).all()
+            continue
+        assert (labels == 1).any()
+        fg_boxes = aboxes[labels == 1]
+        np.testing.assert_array_equal(fg_boxes, np.broadcast_to(boxes[0], fg_boxes.shape))
+
+
+def test_anchor_labels_memory_bounded_with_3000_gt(tiny_cfg):
+    cfg.PREPROC.MAX_SIZE = 1333
+    shape = (800, 1333)
+    rs = np.random.RandomState(0)
+    xy = rs.uniform(0, [1300, 770], (3000, 2))
+    boxes = np.concatenate([xy, xy + rs.uniform(8, 30, (3000, 2))], 1).astype(np.float32)
+    num_anchors = sum(math.ceil(800 / s) * math.ceil(1344 / s) * 3 for s in (4, 8, 16, 32, 64))
+    bound = 600 * 2 ** 20
+    assert num_anchors * len(boxes) * 4 > 4 * bound  # the dense IoU matrix would not fit
+    tracemalloc.start()
+    try:
+        levels = data.get_multilevel_rpn_anchor_input(shape, boxes, np.zeros(3000, np.int8))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < bound, peak / 2 ** 20
+    labels = np.concatenate([lab.reshape(-1) for lab, _ in levels])
+    assert (labels == 1).sum() == cfg.RPN.BATCH_PER_IM * cfg.RPN.FG_RATIO
+    assert (labels >= 0).sum() == cfg.RPN.BATCH_PER_IM
+
+
+# ---------------------------------------------------------------------------- preprocessor
+
+def _check_datapoint(dp, mode_fpn, mode_mask, num_gt):
+    img = dp['image']
+    assert img.dtype == np.float32 and img.ndim == 3 and img.shape[2] == 3
+    assert 96 <= min(img.shape[:2]) <= 128 and max(img.shape[:2]) <= 200
+    names = data.input_names(mode_fpn, mode_mask)
+    assert sorted(dp) == sorted(names)
+    mult = 32 if mode_fpn else 16
+    anchor_keys = [n for n in names if n.startswith('anchor_labels')]
+    strides = cfg.FPN.ANCHOR_STRIDES if mode_fpn else [cfg.RPN.ANCHOR_STRIDE]
+    for key, stride in zip(anchor_keys, strides):
+        h, w = (math.ceil(padded_size(s, mult) / stride) for s in img.shape[:2])
+        labels, boxes = dp[key], dp[key.replace('labels', 'boxes')]
+        assert labels.dtype == np.int32 and labels.shape[:2] == (h, w)
+        assert boxes.dtype == np.float32 and boxes.shape == labels.shape + (4,)
+    assert dp['gt_boxes'].dtype == np.float32 and dp['gt_boxes'].shape == (num_gt, 4)
+    assert dp['gt_labels'].dtype == np.int64 and dp['gt_labels'].shape == (num_gt,)
+    assert (dp['gt_boxes'][:, 2:] <= [img.shape[1], img.shape[0]]).all()
+    if mode_mask:
+        m = cfg.MRCNN.GT_MASK_SIZE
+        assert dp['gt_masks'].dtype == np.uint8 and dp['gt_masks'].shape == (num_gt, m, m)
+
+
+@pytest.mark.parametrize('mode_fpn', [True, False])
+@pytest.mark.parametrize('mode_mask', [True, False])
+def test_preprocessor_outputs(tiny_cfg, tmp_path, mode_fpn, mode_mask):
+    cfg.MODE_FPN, cfg.MODE_MASK = mode_fpn, mode_mask
+    roidb = _write_scene(str(tmp_path / 'scene.png'))
+    dp = data.TrainingDataPreprocessor(seed=0)(roidb)
+    _check_datapoint(dp, mode_fpn, mode_mask, 2)
+
+
+def test_masks_follow_image_through_resize_and_flip(tiny_cfg, tmp_path):
+    """gt_masks sampled back into the image land on the bright object pixels, flipped or not."""
+    cfg.MODE_MASK = True
+    roidb = _write_scene(str(tmp_path / 'scene.png'))
+    pre = data.TrainingDataPreprocessor(seed=3)
+    flips = set()
+    for _ in range(8):
+        dp = pre(roidb)
+        img, m = dp['image'][:, :, 0], cfg.MRCNN.GT_MASK_SIZE
+        flips.add(bool(dp['gt_boxes'][0, 0] > img.shape[1] / 2))  # the triangle is left
+        for box, mask in zip(dp['gt_boxes'], dp['gt_masks']):
+            xs = (box[0] + (np.arange(m) + 0.5) * (box[2] - box[0]) / m).astype(int)
+            ys = (box[1] + (np.arange(m) + 0.5) * (box[3] - box[1]) / m).astype(int)
+            bright = img[ys[:, None], xs[None, :]] > 127
+            assert (bright == mask.astype(bool)).mean() > 0.93
+    assert flips == {True, False}
+
+
+def test_preprocessor_crowd_max_instances_and_readonly_input(tiny_cfg, tmp_path):
+    from tensorpack.utils.serialize import MsgpackSerializer
+    roidb = _write_scene(str(tmp_path / 'scene.png'))
+    roidb['is_crowd'] = np.int8([1, 0])
+    roidb['segmentation'][0] = {'size': [100, 140], 'counts': b'xyz'}  # crowd RLE: ignored
+    # What a worker receives through msgpack: read-only arrays.
+    roidb = MsgpackSerializer.loads(MsgpackSerializer.dumps(roidb))
+    dp = data.TrainingDataPreprocessor(seed=0)(roidb)
+    _check_datapoint(dp, True, True, 1)
+    assert dp['gt_labels'].tolist() == [2]
+
+    roidb['is_crowd'] = np.int8([0, 0])
+    roidb['segmentation'][0] = [np.float32([[10, 12], [52, 12], [30, 62]])]
+    cfg.DATA.MAX_GT_INSTANCES = 1
+    dp = data.TrainingDataPreprocessor(seed=0)(roidb)
+    _check_datapoint(dp, True, True, 1)
+
+
+def test_preprocessor_pickles_with_its_config(tiny_cfg, tmp_path):
+    cfg.MRCNN.GT_MASK_SIZE = 14
+    blob = pickle.dumps(data.TrainingDataPreprocessor(seed=0))
+    cfg.MRCNN.GT_MASK_SIZE = 56  # like a spawned worker's default config
+    pre = pickle.loads(blob)
+    assert cfg.MRCNN.GT_MASK_SIZE == 14
+    dp = pre(_write_scene(str(tmp_path / 'scene.png')))
+    assert dp['gt_masks'].shape == (2, 14, 14)
+
+
+# ---------------------------------------------------------------------------- dataflows
+
+def _collect(df, n=None):
+    df.reset_state()
+    out = []
+    for dp in df:
+        out.append(dp)
+        if n is not None and len(out) >= n:
+            break
+    return out
+
+
+def test_train_dataflow_skips_bad_images_and_filters_empty(tiny_cfg, tmp_path, caplog):
+    good = [_write_scene(str(tmp_path / 'good{}.png'.format(i))) for i in range(2)]
+    missing = dict(good[0], file_name=str(tmp_path / 'missing.png'))
+    (tmp_path / 'corrupt.png').write_bytes(b'garbage')
+    corrupt = dict(good[0], file_name=str(tmp_path / 'corrupt.png'))
+    empty = dict(good[0], boxes=np.zeros((0, 4), np.float32), **{
+        'class': np.zeros(0, np.int32), 'is_crowd': np.zeros(0, np.int8), 'segmentation': []})
+    cfg.DATA.TRAIN = (_register('test_data_bad', good[:1] + [missing, corrupt, empty] +
+                                good[1:]),)
+    with caplog.at_level(logging.INFO, logger='data'):
+        dps = _collect(data.get_train_dataflow())
+    assert len(dps) == 2
+    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    for dp in dps:
+        assert isinstance(dp, list) and len(dp) == len(names)
+        _check_datapoint(dict(zip(names, dp)), cfg.MODE_FPN, cfg.MODE_MASK, 2)
+    assert 'Filtered 1 images with no annotations out of 5' in caplog.text
+    assert 'missing.png' in caplog.text and 'corrupt.png' in caplog.text
+
+
+def test_train_dataflow_shards_are_disjoint(tiny_cfg, tmp_path):
+    # Fixed short edge 100, distinct widths: an image's width identifies it.
+    roidbs = [_write_scene(str(tmp_path / 'img{}.png'.format(i)), w=140 + 10 * i)
+              for i in range(5)]
+    cfg.DATA.TRAIN = (_register('test_data_shards', roidbs),)
+    cfg.PREPROC.TRAIN_SHORT_EDGE_SIZE = [100, 100]
+    cfg.MODE_MASK = False
+    shards = [sorted(dp[0].shape[1] for dp in _collect(data.get_train_dataflow(shard=(r, 2))))
+              for r in range(2)]
+    assert sorted(len(s) for s in shards) == [2, 3]
+    assert sorted(shards[0] + shards[1]) == [140, 150, 160, 170, 180]
+
+
+def test_train_dataflow_multiprocess(tiny_cfg, tmp_path):
+    roidbs = [_write_scene(str(tmp_path / 'img{}.png'.format(i))) for i in range(3)]
+    cfg.DATA.TRAIN = (_register('test_data_mp', roidbs),)
+    cfg.DATA.NUM_WORKERS = 2
+    df = data.get_train_dataflow()
+    try:
+        dps = _collect(df, 4)
+    finally:
+        df.ds.__del__()  # stop the worker processes now
+    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    assert len(dps) == 4
+    for dp in dps:
+        _check_datapoint(dict(zip(names, dp)), cfg.MODE_FPN, cfg.MODE_MASK, 2)
+
+
+def test_eval_dataflow_original_size_and_skips(tiny_cfg, tmp_path, caplog):
+    roidbs = [_write_scene(str(tmp_path / 'e{}.png'.format(i)), h=50 + i, w=60) for i in range(4)]
+    roidbs[1] = dict(roidbs[1], file_name=str(tmp_path / 'gone.png'))
+    name = _register('test_data_eval', roidbs)
+    with caplog.at_level(logging.WARNING, logger='data'):
+        dps = _collect(data.get_eval_dataflow(name))
+    assert [dp[1] for dp in dps] == ['e0.png', 'e2.png', 'e3.png']
+    assert [dp[0].shape for dp in dps] == [(50, 60, 3), (52, 60, 3), (53, 60, 3)]
+    assert 'gone.png' in caplog.text
+    shards = [[dp[1] for dp in _collect(data.get_eval_dataflow(name, k, 3))] for k in range(3)]
+    assert shards == [['e0.png'], [], ['e2.png', 'e3.png']]
+
+
+# ---------------------------------------------------------------------------- real data
+
+def test_shapes_images(tiny_cfg, tmp_path):
+    from dataset.shapes import ShapesDataset
+    name = 'test_data_shapes_train'  # the first images of shapes_train, cached in tmp_path
+    DatasetRegistry.register(name, lambda: ShapesDataset('train', 3, 0, cache_root=str(tmp_path)))
+    cfg.DATA.TRAIN = (name,)
+    roidbs = DatasetRegistry.get(name).training_roidbs()
+    dps = _collect(data.get_train_dataflow())
+    assert len(dps) == 3
+    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    for dp in dps:
+        dp = dict(zip(names, dp))
+        assert dp['gt_masks'].any(axis=(1, 2)).all()  # every visible shape has mask pixels
+        assert len(dp['gt_boxes']) in [len(r['boxes']) for r in roidbs]
+
+
+def test_balloon_images(tiny_cfg):
+    if not os.path.isdir(BALLOON_DIR):
+        pytest.skip('balloon data not found at {} (only in the shared workspace)'.format(
+            BALLOON_DIR))
+    from dataset import register_balloon
+    register_balloon(BALLOON_DIR)
+    cfg.DATA.TRAIN = ('balloon_train',)
+    df = data.get_train_dataflow()
+    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    for dp in _collect(df, 2):
+        dp = dict(zip(names, dp))
+        _check_datapoint(dp, True, True, len(dp['gt_boxes']))
+        assert len(dp['gt_boxes']) >= 1 and dp['gt_masks'].mean() > 0.3  # balloons fill boxes
