@@ -158,8 +158,10 @@ def parse_value(text):
 
 def _check_type(key, default, value):
     """Coerce ``value`` to the type of ``default`` where that is lossless, else raise."""
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None and isinstance(default, str):
+        return 'None'  # e.g. BACKBONE.NORM=None: the literal parses as Python's None
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -385,6 +387,15 @@ def _validate():
 def _derive_classes():
     """Class names and count from the first training set's metadata (never from code)."""
     from dataset import DatasetRegistry
+    registered = set(DatasetRegistry.names())
+    for key in ('TRAIN', 'VAL'):
+        for n in getattr(_C.DATA, key):
+            if n not in registered:
+                close = difflib.get_close_matches(n, sorted(registered), n=3, cutoff=0.5)
+                raise ConfigError('DATA.{} names dataset "{}", which is not registered.{} '
+                                  'Registered: {}.'.format(
+                                      key, n, ' Did you mean: {}?'.format(', '.join(close))
+                                      if close else '', ', '.join(sorted(registered))))
     name = _C.DATA.TRAIN[0]
     try:
         names = list(DatasetRegistry.get_metadata(name, 'class_names'))

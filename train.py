@@ -8,6 +8,7 @@
 import utils.compat  # noqa: F401  (must come before TensorFlow)
 
 import argparse
+import logging
 import os
 import sys
 
@@ -42,6 +43,9 @@ def setup_config(args, is_training):
 
 
 def main(args):
+    # our modules log through `logging` (tensorpack's logger does not propagate)
+    logging.basicConfig(level=logging.INFO, format='[%(asctime)s %(name)s] %(message)s',
+                        datefmt='%m%d %H:%M:%S')
     setup_config(args, is_training=True)
 
     import tensorflow as tf

@@ -54,6 +54,8 @@ def test_update_args_sets_typed_values(fresh_cfg):
     assert cfg.DATA.TRAIN == ('shapes_train',)          # a bare word for a tuple key
     assert cfg.PREPROC.TRAIN_SHORT_EDGE_SIZE == [256, 320]
     assert cfg.DATA.BASEDIR == '~/data'
+    cfg.update_args(['BACKBONE.NORM=None'])
+    assert cfg.BACKBONE.NORM == 'None'
 
 
 @pytest.mark.parametrize('arg, words', [
@@ -87,7 +89,7 @@ def test_sealed_and_frozen(fresh_cfg, toy_dataset):
     with pytest.raises(AttributeError):
         cfg.TRAIN.NEW_KEY = 1
     cfg.TRAIN.BASE_LR = 0.1         # known keys stay writable until finalisation
-    cfg.update_args(['DATA.TRAIN=cfgtest_train'])
+    cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train'])
     finalize_configs(is_training=True, num_gpus=0)
     assert cfg.is_frozen()
     with pytest.raises(AttributeError):
@@ -99,7 +101,7 @@ def test_sealed_and_frozen(fresh_cfg, toy_dataset):
 
 
 def test_finalize_derives_classes_and_format(fresh_cfg, toy_dataset):
-    cfg.update_args(['DATA.TRAIN=cfgtest_train'])
+    cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train'])
     finalize_configs(is_training=True, num_gpus=0)
     assert cfg.DATA.CLASS_NAMES == ['BG', 'cat', 'dog']
     assert cfg.DATA.NUM_CATEGORY == 2
@@ -120,10 +122,11 @@ def test_finalize_derives_classes_and_format(fresh_cfg, toy_dataset):
     (['BACKBONE.DEPTH=42'], 'BACKBONE.DEPTH must be 18, 34, 50 or 101'),
     (['BACKBONE.NORM=BN'], 'BACKBONE.NORM must be one of'),
     (['TRAINER=ddp'], 'TRAINER must be'),
-    (['DATA.TRAIN=not_registered_anywhere'], 'not_registered_anywhere'),
+    (['DATA.TRAIN=not_registered_anywhere'], 'DATA.TRAIN names dataset "not_registered_any'),
+    (['DATA.VAL=cfgtest_trian'], 'Did you mean: cfgtest_train?'),
 ])
 def test_finalize_validation_errors(fresh_cfg, toy_dataset, args, message):
-    cfg.update_args(['DATA.TRAIN=cfgtest_train'] + args)
+    cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train'] + args)
     with pytest.raises(ConfigError) as e:
         finalize_configs(is_training=True, num_gpus=0)
     assert message in str(e.value)
@@ -131,7 +134,7 @@ def test_finalize_validation_errors(fresh_cfg, toy_dataset, args, message):
 
 
 def test_grayscale_and_rgbd_validate(fresh_cfg, toy_dataset):
-    cfg.update_args(['DATA.TRAIN=cfgtest_train', 'PREPROC.IMAGE_CHANNELS=4',
+    cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train', 'PREPROC.IMAGE_CHANNELS=4',
                      'PREPROC.PIXEL_MEAN=[1.,2.,3.,4.]', 'PREPROC.PIXEL_STD=[1,1,1,1]'])
     finalize_configs(is_training=True, num_gpus=0)
     assert cfg.PREPROC.PIXEL_STD == [1, 1, 1, 1]

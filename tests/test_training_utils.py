@@ -84,8 +84,11 @@ def test_read_weights_from_checkpoint_and_bad_paths(tmp_path):
         assert read_weights(path)['a/W'].tolist() == [3., 3.]
     with pytest.raises(UserInputError, match='does not exist'):
         read_weights(str(tmp_path / 'nope.npz'))
-    with pytest.raises(UserInputError, match='neither an .npz file nor a TF checkpoint'):
+    with pytest.raises(UserInputError, match='does not exist'):
         read_weights(str(tmp_path / 'nothing_here'))
+    (tmp_path / 'weights.h5').write_text('x')
+    with pytest.raises(UserInputError, match='neither an .npz file nor a TF checkpoint'):
+        read_weights(str(tmp_path / 'weights.h5'))
     empty = tmp_path / 'empty'
     empty.mkdir()
     with pytest.raises(UserInputError, match='no checkpoint found'):

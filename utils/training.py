@@ -112,6 +112,8 @@ def read_weights(path):
         path = ckpt
     path = re.sub(r'\.(index|data-\d+-of-\d+)$', '', path)
     if not glob.glob(path + '.index'):
+        if not glob.glob(path + '*'):
+            raise UserInputError('--load: "{}" does not exist.'.format(path))
         raise UserInputError('--load: "{}" is neither an .npz file nor a TF checkpoint.'
                              .format(path))
     reader = tf.train.load_checkpoint(path)
@@ -134,6 +136,7 @@ class WeightsLoader(SessionInit):
 
     def _run_init(self, sess):
         skipped = {'matched --load-skip': [], 'not in file': [], 'shape differs': []}
+        self.loaded = []
         for var in tf.compat.v1.global_variables():
             name = var.op.name
             if re.search(r'(Momentum|global_step|AccumGrad|learning_rate)', name):

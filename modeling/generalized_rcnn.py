@@ -1,0 +1,257 @@
+"""The full models: backbone -> (FPN) -> RPN -> box head(s) -> mask head.
+
+``ResNetC4Model`` and ``ResNetFPNModel`` are tensorpack ``ModelDesc``s. Their inputs are
+the tensors of NOTES.md ("Graph inputs"); in training ``build_graph`` returns the total
+cost, in inference it defines the stable outputs ``output/boxes`` [N, 4] (pixels of the
+fed image), ``output/scores`` [N], ``output/labels`` int32 [N] in 1..C and, with
+MODE_MASK, ``output/masks`` [N, R, R] probabilities (R = 28 for FPN, 14 for C4), plus
+``output/proposal_boxes`` [P, 4] for visualisation.
+"""
+import utils.compat  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+
+import math
+
+import tensorflow.compat.v1 as tf
+from tensorpack import ModelDesc
+from tensorpack.models import GlobalAvgPooling, l2_regularizer, regularize_cost
+from tensorpack.tfutils import optimizer
+from tensorpack.tfutils.summary import add_moving_summary
+from tensorpack.tfutils.tower import get_current_tower_context
+
+from config import config as cfg
+from data import image_pad_multiple, input_names
+from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
+
+from . import model_frcnn, model_mrcnn
+from .backbone import num_blocks_for_depth, resnet_c4_backbone, resnet_conv5, resnet_fpn_backbone
+from .model_box import clip_boxes, roi_align
+from .model_cascade import CascadeRCNNHead
+from .model_fpn import (fpn_model, generate_fpn_proposals, multilevel_roi_align,
+                        multilevel_rpn_losses)
+from .model_frcnn import (BoxProposals, FastRCNNHead, fastrcnn_outputs, fastrcnn_predictions,
+                          sample_fast_rcnn_targets)
+from .model_mrcnn import crop_gt_masks, maskrcnn_loss, maskrcnn_upXconv_head
+from .model_rpn import RPNAnchors, generate_rpn_proposals, rpn_head, rpn_losses
+
+__all__ = ['ResNetC4Model', 'ResNetFPNModel', 'model_input_names']
+
+
+def model_input_names(is_training):
+    """Ordered graph input names (NOTES.md); training datapoints are lists in this order."""
+    return input_names(cfg.MODE_FPN, cfg.MODE_MASK) if is_training else ['image']
+
+
+class GeneralizedRCNN(ModelDesc):
+    """Shared parts: inputs, image normalisation and padding, optimizer, the cost."""
+
+    def inputs(self):
+        c = cfg.PREPROC.IMAGE_CHANNELS
+        specs = {'image': tf.TensorSpec((None, None, c), tf.float32, 'image'),
+                 'gt_boxes': tf.TensorSpec((None, 4), tf.float32, 'gt_boxes'),
+                 'gt_labels': tf.TensorSpec((None,), tf.int64, 'gt_labels'),
+                 'gt_masks': tf.TensorSpec((None, cfg.MRCNN.GT_MASK_SIZE, cfg.MRCNN.GT_MASK_SIZE),
+                                           tf.uint8, 'gt_masks')}
+        a = cfg.RPN.NUM_ANCHOR
+        for name in model_input_names(True):
+            if name.startswith('anchor_labels'):
+                specs[name] = tf.TensorSpec((None, None, a), tf.int32, name)
+            elif name.startswith('anchor_boxes'):
+                specs[name] = tf.TensorSpec((None, None, a, 4), tf.float32, name)
+        return [specs[n] for n in model_input_names(True)]
+
+    def optimizer(self):
+        lr = tf.get_variable('learning_rate', initializer=0.003, trainable=False)
+        tf.summary.scalar('learning_rate-summary', lr)
+        accum = cfg.TRAIN.GRADIENT_ACCUMULATION
+        # AccumGradOptimizer sums k gradients; dividing the LR by k makes one update the
+        # mean over the k x devices images, as the LR scaling rule assumes.
+        opt = tf.train.MomentumOptimizer(lr / accum, cfg.TRAIN.MOMENTUM)
+        if accum > 1:
+            opt = optimizer.AccumGradOptimizer(opt, accum)
+        return opt
+
+    def preprocess(self, image):
+        """float32 [H, W, C] raw pixels -> normalised [1, Hp, Wp, C] or [1, C, Hp, Wp].
+
+        Hp, Wp: H, W padded with zeros (after normalisation) to ``image_pad_multiple``.
+        """
+        with tf.name_scope('image_preprocess'):
+            mean = tf.constant(cfg.PREPROC.PIXEL_MEAN, tf.float32)
+            std = tf.constant(cfg.PREPROC.PIXEL_STD, tf.float32)
+            image = (image - mean) * (1. / std)
+            mult = image_pad_multiple(cfg.MODE_FPN)
+            shape = tf.shape(image)[:2]
+            padded = tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) / mult) * mult, tf.int32)
+            pad = padded - shape
+            image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
+            image = image[None]
+            if cfg.BACKBONE.DATA_FORMAT == 'NCHW':
+                image = tf.transpose(image, [0, 3, 1, 2])
+            return image
+
+    def build_graph(self, *inputs):
+        inputs = dict(zip(model_input_names(get_current_tower_context().is_training), inputs))
+        image_shape2d = tf.shape(inputs['image'])[:2]
+        image = self.preprocess(inputs['image'])
+        # conv0 must learn when the input channels differ from pretrained 3-channel weights
+        train_conv0 = cfg.PREPROC.IMAGE_CHANNELS != 3
+        features = self.backbone(image, train_conv0)
+        proposals, rpn_losses_ = self.rpn(features, inputs, image_shape2d)
+        head_losses = self.roi_heads(features, proposals, inputs, image_shape2d)
+        if not get_current_tower_context().is_training:
+            return None
+        wd_cost = regularize_cost('.*/W', l2_regularizer(cfg.TRAIN.WEIGHT_DECAY), name='wd_cost')
+        total_cost = tf.add_n(rpn_losses_ + head_losses + [wd_cost], 'total_cost')
+        add_moving_summary(total_cost, wd_cost)
+        return total_cost
+
+    def mask_outputs(self, mask_logits, labels):
+        """[N, C, R, R] logits, labels int32 [N] in 1..C -> ``output/masks`` [N, R, R]."""
+        idx = tf.stack([tf.range(tf.size(labels)), labels - 1], axis=1)
+        return tf.sigmoid(tf.gather_nd(mask_logits, idx), name='output/masks')
+
+    def mask_losses(self, mask_logits, proposals, inputs, resolution):
+        """Mask loss on the foreground RoIs, targets cropped per RoI (never full-image)."""
+        targets = crop_gt_masks(inputs['gt_masks'], inputs['gt_boxes'],
+                                proposals.fg_inds_wrt_gt, proposals.fg_boxes(), resolution)
+        return [maskrcnn_loss(mask_logits, proposals.fg_labels(), targets)]
+
+
+def _final_detections(head, image_shape2d):
+    """Per-class NMS over a head's decoded boxes -> named output tensors (boxes, scores,
+    labels int32 1..C)."""
+    boxes = clip_boxes(head.decoded_output_boxes(), image_shape2d)   # [K, C+1, 4]
+    scores = head.output_scores(name='output_scores')              # [K, C+1]
+    boxes, scores, labels = fastrcnn_predictions(boxes[:, 1:], scores[:, 1:])
+    return (tf.identity(boxes, name='output/boxes'), tf.identity(scores, name='output/scores'),
+            tf.identity(labels, name='output/labels'))
+
+
+class ResNetC4Model(GeneralizedRCNN):
+    """ResNet stem..res4 -> RPN on C4 -> RoIAlign 14x14 -> res5 -> box and mask heads."""
+
+    def backbone(self, image, train_conv0):
+        return [resnet_c4_backbone(image, num_blocks_for_depth(cfg.BACKBONE.DEPTH)[:3],
+                                   train_conv0)]
+
+    def rpn(self, features, inputs, image_shape2d):
+        featuremap = features[0]
+        training = get_current_tower_context().is_training
+        label_logits, box_logits = rpn_head('rpn', featuremap, cfg.RPN.HEAD_DIM, cfg.RPN.NUM_ANCHOR)
+        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN))
+        all_anchors = get_all_anchors(cfg.RPN.ANCHOR_STRIDE, cfg.RPN.ANCHOR_SIZES,
+                                      cfg.RPN.ANCHOR_RATIOS, max_size)
+        anchors = RPNAnchors(all_anchors, inputs.get('anchor_labels'),
+                             inputs.get('anchor_boxes')).narrow_to(featuremap)
+        pred_boxes = anchors.decode_logits(box_logits)  # [h, w, A, 4]
+        proposals, _ = generate_rpn_proposals(
+            tf.reshape(pred_boxes, [-1, 4]), tf.reshape(label_logits, [-1]), image_shape2d,
+            cfg.RPN.TRAIN_PRE_NMS_TOPK if training else cfg.RPN.TEST_PRE_NMS_TOPK,
+            cfg.RPN.TRAIN_POST_NMS_TOPK if training else cfg.RPN.TEST_POST_NMS_TOPK)
+        tf.identity(proposals, name='output/proposal_boxes')
+        if not training:
+            return BoxProposals(proposals), []
+        losses = rpn_losses(anchors.gt_labels, anchors.encoded_gt_boxes(), label_logits, box_logits)
+        return BoxProposals(proposals), list(losses)
+
+    def _res5_features(self, featuremap, boxes):
+        rois = roi_align(featuremap, boxes * (1. / cfg.RPN.ANCHOR_STRIDE), 14,
+                         cfg.BACKBONE.DATA_FORMAT)
+        return resnet_conv5(rois, num_blocks_for_depth(cfg.BACKBONE.DEPTH)[-1])  # 7x7
+
+    def _mask_logits(self, res5_features):
+        # no extra convs on the C4 model: res5 features -> deconv 2x -> 14x14 logits
+        return maskrcnn_upXconv_head('maskrcnn', res5_features, cfg.DATA.NUM_CATEGORY, 0)
+
+    def roi_heads(self, features, proposals, inputs, image_shape2d):
+        featuremap = features[0]
+        training = get_current_tower_context().is_training
+        if training:
+            proposals = sample_fast_rcnn_targets(proposals.boxes, inputs['gt_boxes'],
+                                                 inputs['gt_labels'])
+        res5 = self._res5_features(featuremap, proposals.boxes)
+        gap = GlobalAvgPooling('gap', res5, data_format=cfg.BACKBONE.DATA_FORMAT)
+        label_logits, box_logits = fastrcnn_outputs('fastrcnn', gap, cfg.DATA.NUM_CATEGORY)
+        head = FastRCNNHead(proposals, box_logits, label_logits, inputs.get('gt_boxes'),
+                            cfg.FRCNN.BBOX_REG_WEIGHTS)
+        if training:
+            losses = list(head.losses())
+            if cfg.MODE_MASK:
+                fg_res5 = tf.gather(res5, proposals.fg_inds())
+                losses += self.mask_losses(self._mask_logits(fg_res5), proposals, inputs, 14)
+            return losses
+        boxes, _, labels = _final_detections(head, image_shape2d)
+        if cfg.MODE_MASK:
+            with tf.variable_scope(tf.get_variable_scope(), reuse=True):  # res5 again
+                res5_final = self._res5_features(featuremap, boxes)
+            self.mask_outputs(self._mask_logits(res5_final), labels)
+        return []
+
+
+class ResNetFPNModel(GeneralizedRCNN):
+    """ResNet -> FPN P2..P6 -> RPN per level -> multilevel RoIAlign -> box head(s) -> mask."""
+
+    def backbone(self, image, train_conv0):
+        c2345 = resnet_fpn_backbone(image, num_blocks_for_depth(cfg.BACKBONE.DEPTH), train_conv0)
+        return fpn_model('fpn', c2345)
+
+    def rpn(self, features, inputs, image_shape2d):
+        training = get_current_tower_context().is_training
+        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN))
+        all_anchors = get_all_anchors_fpn(cfg.FPN.ANCHOR_STRIDES, cfg.RPN.ANCHOR_SIZES,
+                                          cfg.RPN.ANCHOR_RATIOS, max_size)
+        anchors, label_logits, box_logits = [], [], []
+        for i, (featuremap, stride) in enumerate(zip(features, cfg.FPN.ANCHOR_STRIDES)):
+            lvl = int(round(math.log2(stride)))
+            # one RPN head shared by all levels
+            with tf.variable_scope(tf.get_variable_scope(), reuse=i > 0):
+                logits, deltas = rpn_head('rpn', featuremap, cfg.FPN.NUM_CHANNEL,
+                                          len(cfg.RPN.ANCHOR_RATIOS))
+            anchors.append(RPNAnchors(
+                all_anchors[i], inputs.get('anchor_labels_lvl{}'.format(lvl)),
+                inputs.get('anchor_boxes_lvl{}'.format(lvl))).narrow_to(featuremap))
+            label_logits.append(logits)
+            box_logits.append(deltas)
+        pred_boxes = [a.decode_logits(d) for a, d in zip(anchors, box_logits)]
+        proposals, _ = generate_fpn_proposals(pred_boxes, label_logits, image_shape2d)
+        tf.identity(proposals, name='output/proposal_boxes')
+        if not training:
+            return BoxProposals(proposals), []
+        losses = multilevel_rpn_losses(anchors, label_logits, box_logits)
+        return BoxProposals(proposals), list(losses)
+
+    def roi_heads(self, features, proposals, inputs, image_shape2d):
+        p2345 = features[:4]
+        training = get_current_tower_context().is_training
+        num_cat = cfg.DATA.NUM_CATEGORY
+        head_func = getattr(model_frcnn, cfg.FPN.FRCNN_HEAD_FUNC)
+        if training:
+            fg_thresh = cfg.CASCADE.IOUS[0] if cfg.CASCADE.ENABLED else cfg.FRCNN.FG_THRESH
+            proposals = sample_fast_rcnn_targets(proposals.boxes, inputs['gt_boxes'],
+                                                 inputs['gt_labels'], fg_thresh=fg_thresh)
+
+        def roi_func(boxes):
+            return multilevel_roi_align(p2345, boxes, 7)
+
+        if cfg.CASCADE.ENABLED:
+            head = CascadeRCNNHead(proposals, roi_func, head_func,
+                                   (inputs.get('gt_boxes'), inputs.get('gt_labels')),
+                                   image_shape2d, num_cat)
+        else:
+            feature = head_func('fastrcnn', roi_func(proposals.boxes))
+            label_logits, box_logits = fastrcnn_outputs('fastrcnn/outputs', feature, num_cat)
+            head = FastRCNNHead(proposals, box_logits, label_logits, inputs.get('gt_boxes'),
+                                cfg.FRCNN.BBOX_REG_WEIGHTS)
+        mask_head = getattr(model_mrcnn, cfg.FPN.MRCNN_HEAD_FUNC)
+        if training:
+            losses = list(head.losses())
+            if cfg.MODE_MASK:
+                rois = multilevel_roi_align(p2345, proposals.fg_boxes(), 14)
+                logits = mask_head('maskrcnn', rois, num_cat)
+                losses += self.mask_losses(logits, proposals, inputs, cfg.MRCNN.RESOLUTION)
+            return losses
+        boxes, _, labels = _final_detections(head, image_shape2d)
+        if cfg.MODE_MASK:
+            logits = mask_head('maskrcnn', multilevel_roi_align(p2345, boxes, 14), num_cat)
+            self.mask_outputs(logits, labels)
+        return []

@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Run a trained model: predict on images, evaluate, benchmark, visualise, export.
+
+    python predict.py --load train_log/maskrcnn --predict img.jpg photos/ 'more/*.png'
+    python predict.py --load train_log/maskrcnn --evaluate results.json
+    python predict.py --load model.npz --benchmark 50
+    python predict.py --load train_log/maskrcnn --visualize 10
+    python predict.py --load train_log/maskrcnn --export-savedmodel export/ --export-pb model.pb
+
+--load takes a checkpoint directory (its latest checkpoint), a checkpoint prefix or an .npz.
+Use the same --config-file / --config as training: the channels, channel order and model
+shape come from the config. Images are read exactly as in training (common.read_image).
+
+Exit status: 2 for a bad --load path, dataset name or existing --export-savedmodel folder,
+1 for a config error (as train.py); with --predict,
+1 when no input could be processed and 0 otherwise (unreadable inputs are reported on the
+way and listed again at the end).
+"""
+import utils.compat  # noqa: F401  (must come before TensorFlow)
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+from config import config as cfg
+from train import setup_config
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--load', required=True,
+                   help='weights: a checkpoint directory or prefix, or an .npz file')
+    p.add_argument('--config-file', help='a YAML config file, applied before --config')
+    p.add_argument('--config', nargs='+', default=[], metavar='KEY=VALUE',
+                   help='config overrides; values are Python literals')
+    p.add_argument('--predict', nargs='+', metavar='PATH',
+                   help='image files, folders and globs; one overlay PNG each in --output')
+    p.add_argument('--output', default='predictions', help='folder for --predict / --visualize')
+    p.add_argument('--json', action='store_true',
+                   help='with --predict, also write <name>.json with the detections')
+    p.add_argument('--evaluate', metavar='OUT.json',
+                   help='evaluate on cfg.DATA.VAL and write COCO-format results here')
+    p.add_argument('--benchmark', type=int, metavar='N',
+                   help='time N images (from --predict, else the first DATA.VAL set)')
+    p.add_argument('--visualize', type=int, metavar='N',
+                   help='panels of ground truth | proposals | predictions for N training images')
+    p.add_argument('--export-savedmodel', metavar='DIR', help='write a SavedModel to DIR')
+    p.add_argument('--export-pb', metavar='FILE', help='write a frozen GraphDef to FILE')
+    args = p.parse_args(argv)
+    if not any([args.predict, args.evaluate, args.benchmark, args.visualize,
+                args.export_savedmodel, args.export_pb]):
+        p.error('nothing to do: give --predict, --evaluate, --benchmark, --visualize, '
+                '--export-savedmodel or --export-pb')
+    return args
+
+
+def expand_inputs(patterns):
+    """Files, folders (their images, sorted) and globs -> (existing paths, [(pattern, reason)])."""
+    paths, seen, missing = [], set(), []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            reason = 'folder without images'
+        elif os.path.isfile(pattern):
+            found, reason = [pattern], None
+        else:
+            found = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+            reason = 'no such file'
+        if found:
+            paths.extend(f for f in found if f not in seen)
+            seen.update(found)
+        else:
+            missing.append((pattern, reason))
+    return paths, missing
+
+
+def output_stems(paths):
+    """A distinct output name per input: its file stem, with -2, -3 ... on collisions."""
+    stems, used = [], set()
+    for path in paths:
+        base = stem = os.path.splitext(os.path.basename(path))[0]
+        k = 1
+        while stem in used:
+            k += 1
+            stem = '{}-{}'.format(base, k)
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def build_predictor(weights, extra_outputs=()):
+    """An OfflinePredictor of the configured model; ``weights``: a utils.training.WeightsLoader.
+
+    Raises:
+        KeyError: an output name (e.g. of ``extra_outputs``) is not in the graph.
+    """
+    from tensorpack import OfflinePredictor, PredictConfig
+
+    from eval import get_inference_output_names
+    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
+    model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
+    return OfflinePredictor(PredictConfig(
+        model=model, session_init=weights, input_names=['image'],
+        output_names=get_inference_output_names() + list(extra_outputs)))
+
+
+def detections_json(path, img, results):
+    """JSON-ready record of one image's detections (original-image pixels, class names)."""
+    from eval import detection_to_dict
+    dets = []
+    for r in results:
+        d = detection_to_dict(r, None)
+        dets.append({'class_id': d['category_id'], 'class_name': cfg.DATA.CLASS_NAMES[r.class_id],
+                     'score': d['score'], 'box_x1y1x2y2': d['bbox'],
+                     **({'segmentation': d['segmentation']} if 'segmentation' in d else {})})
+    return {'file': path, 'height': img.shape[0], 'width': img.shape[1], 'detections': dets}
+
+
+def run_predict(args, predictor):
+    """--predict: one overlay PNG (and JSON) per input; returns the number that worked."""
+    import cv2
+
+    from common import ImageReadError, read_image
+    from eval import predict_image
+    from viz import draw_predictions, to_display_bgr
+    paths, failures = expand_inputs(args.predict)
+    for pattern, reason in failures:
+        print('{}: {}'.format(pattern, reason))
+    os.makedirs(args.output, exist_ok=True)
+    done = 0
+    for path, stem in zip(paths, output_stems(paths)):
+        try:
+            img = read_image(path)
+        except ImageReadError as e:
+            print(e)
+            failures.append((path, e.reason))
+            continue
+        results = predict_image(img, predictor, mask_format='rle')  # bounded memory
+        overlay = draw_predictions(to_display_bgr(img, cfg.PREPROC.CHANNEL_ORDER), results,
+                                   cfg.DATA.CLASS_NAMES, cfg.TEST.RESULT_SCORE_THRESH_VIS)
+        out = os.path.join(args.output, stem + '.png')
+        cv2.imwrite(out, overlay)
+        if args.json:
+            with open(os.path.join(args.output, stem + '.json'), 'w') as f:
+                json.dump(detections_json(path, img, results), f)
+        print('{}: {} detections -> {}'.format(path, len(results), out))
+        done += 1
+    if failures:
+        print('{} of {} inputs failed:'.format(len(failures), len(failures) + done))
+        for path, reason in failures:
+            print('  {}: {}'.format(path, reason))
+    return done
+
+
+def run_evaluate(args, predictor):
+    """--evaluate: every DATA.VAL set; several sets get '-<name>' before the json suffix."""
+    from eval import evaluate_on_dataset
+    root, ext = os.path.splitext(args.evaluate)
+    for name in cfg.DATA.VAL:
+        out = args.evaluate if len(cfg.DATA.VAL) == 1 else '{}-{}{}'.format(root, name, ext)
+        metrics = evaluate_on_dataset(name, predictor, out)
+        print('{} (results in {}):'.format(name, out))
+        for key, value in metrics.items():
+            print('  {:<40} {:.4f}'.format(key, value))
+
+
+def run_benchmark(args, predictor):
+    """--benchmark N: mean seconds per phase over N images after 2 warm-up runs."""
+    import itertools
+    import time
+
+    from common import ImageReadError, read_image
+    from dataset import DatasetRegistry
+    from eval import PHASES, predict_image
+    if args.predict:
+        paths = expand_inputs(args.predict)[0]
+    else:
+        paths = [r['file_name'] for r in DatasetRegistry.get(cfg.DATA.VAL[0]).inference_roidbs()]
+    images = []
+    for path in paths[:args.benchmark]:  # read outside the timed loop
+        try:
+            images.append(read_image(path))
+        except ImageReadError as e:
+            print(e)
+    if not images:
+        sys.exit('--benchmark: no readable image.')
+    for img in images[:1] * 2:
+        predict_image(img, predictor, mask_format='rle')
+    timings = {}
+    start = time.perf_counter()
+    for img in itertools.islice(itertools.cycle(images), args.benchmark):
+        predict_image(img, predictor, mask_format='rle', timings=timings)
+    total = time.perf_counter() - start
+    report = {'benchmark': 'predict_image', 'images': args.benchmark,
+              'distinct_images': len(images), 'images_per_s': args.benchmark / total}
+    for phase in PHASES:
+        report[phase + '_ms'] = 1000. * timings.get(phase, 0.) / args.benchmark
+        print('{:<12} {:8.1f} ms/image'.format(phase, report[phase + '_ms']))
+    print('{:<12} {:8.2f} images/s'.format('throughput', report['images_per_s']))
+    print(json.dumps(report))
+
+
+def run_visualize(args, weights):
+    """--visualize N: [ground truth | proposals | predictions] for N training images."""
+    import cv2
+
+    from common import ImageReadError, read_image
+    from dataset import DatasetRegistry
+    from eval import predict_image, predict_image_with_proposals
+    from viz import draw_final_outputs_panel, to_display_bgr
+    try:
+        predictor = build_predictor(weights, ['output/proposal_boxes'])
+    except KeyError:
+        print('The model has no output/proposal_boxes tensor: panels show no proposals.')
+        predictor = None
+    plain = predictor or build_predictor(weights)
+    os.makedirs(args.output, exist_ok=True)
+    roidbs = DatasetRegistry.get(cfg.DATA.TRAIN[0]).training_roidbs()[:args.visualize]
+    for i, roidb in enumerate(roidbs):
+        try:
+            img = read_image(roidb['file_name'])
+        except ImageReadError as e:
+            print(e)
+            continue
+        if predictor is not None:
+            results, proposals = predict_image_with_proposals(img, predictor)
+        else:
+            results, proposals = predict_image(img, plain, mask_format='rle'), None
+        panel = draw_final_outputs_panel(
+            to_display_bgr(img, cfg.PREPROC.CHANNEL_ORDER), roidb['boxes'], roidb['class'],
+            proposals, results, cfg.DATA.CLASS_NAMES, cfg.TEST.RESULT_SCORE_THRESH_VIS)
+        out = os.path.join(args.output, 'viz-{:03d}.png'.format(i))
+        cv2.imwrite(out, panel)
+        print('{} -> {}'.format(roidb['file_name'], out))
+
+
+def main(args):
+    from dataset import DatasetRegistryError
+    from utils.training import UserInputError, WeightsLoader
+    setup_config(args, is_training=False)
+    try:
+        weights = WeightsLoader(args.load)  # reads the file now: a bad path fails here
+        return run(args, weights)
+    except (UserInputError, DatasetRegistryError, FileNotFoundError) as e:
+        # A bad path or dataset name: one line, no traceback.
+        print('predict.py: {}'.format(e), file=sys.stderr)
+        return 2
+
+
+def run(args, weights):
+    """Every action asked for, in a fixed order; returns the exit status."""
+    from utils.training import UserInputError
+    if args.export_savedmodel and os.path.exists(args.export_savedmodel):
+        raise UserInputError('--export-savedmodel: "{}" already exists.'.format(
+            args.export_savedmodel))
+    if args.visualize:
+        run_visualize(args, weights)
+    if not any([args.predict, args.evaluate, args.benchmark, args.export_savedmodel,
+                args.export_pb]):
+        return 0
+    predictor = build_predictor(weights)
+    if args.export_savedmodel:
+        from eval import export_savedmodel
+        export_savedmodel(predictor, args.export_savedmodel)
+    if args.export_pb:
+        from eval import export_frozen_graph
+        export_frozen_graph(predictor, args.export_pb)
+    if args.evaluate:
+        run_evaluate(args, predictor)
+    if args.benchmark:
+        run_benchmark(args, predictor)
+    if args.predict and run_predict(args, predictor) == 0:
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(parse_args()))

@@ -1,0 +1,323 @@
+"""eval.py (mask pasting, prediction, COCO results, EvalCallback) and viz.py."""
+import functools
+import json
+import os
+import tracemalloc
+import types
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from tensorpack import ModelDesc, OfflinePredictor, PredictConfig, TrainConfig
+from tensorpack import SimpleTrainer, launch_train_with_config
+from tensorpack.dataflow import DataFromList
+from tensorpack.utils import logger
+
+import eval as ev
+import viz
+from config import config as cfg
+from dataset import register_coco_json
+
+tf1 = tf.compat.v1
+
+
+@pytest.fixture
+def test_cfg():
+    """Unfrozen cfg whose every key is restored afterwards."""
+    frozen = cfg.is_frozen()
+    cfg.freeze(False)
+    saved = {k: functools.reduce(getattr, k.split('.'), cfg) for k in cfg.flat_keys()}
+    yield cfg
+    cfg.freeze(False)
+    for k, v in saved.items():
+        cfg.set_value(k, v)
+    cfg.freeze(frozen)
+
+
+# ------------------------------------------------------------------ mask pasting
+def reference_paste(mask, box, shape, threshold=0.5):
+    """Pixel loops: a pixel is set iff its centre is in the box and the mask cell that
+    contains the centre is above the threshold (nearest-cell sampling)."""
+    res = mask.shape[0]
+    x1, y1, x2, y2 = box
+    out = np.zeros(shape, dtype=np.uint8)
+    for y in range(shape[0]):
+        for x in range(shape[1]):
+            cx, cy = x + 0.5, y + 0.5
+            if x1 <= cx < x2 and y1 <= cy < y2:
+                c = int((cx - x1) / (x2 - x1) * res)
+                r = int((cy - y1) / (y2 - y1) * res)
+                out[y, x] = mask[r, c] > threshold
+    return out
+
+
+def iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return np.logical_and(a, b).sum() / union if union else 1.
+
+
+@pytest.mark.parametrize('box', [(3, 5, 17, 12), (0, 0, 40, 30), (-6, 20, 9, 45),
+                                 (30, 1, 60, 9), (50, 50, 70, 80)])
+def test_paste_constant_mask_is_exact_on_integer_boxes(box):
+    mask = np.full((14, 14), 0.9, dtype=np.float32)
+    got = ev.paste_mask(mask, box, (40, 50))
+    assert got.dtype == np.uint8 and got.shape == (40, 50)
+    np.testing.assert_array_equal(got, reference_paste(mask, box, (40, 50)))
+
+
+# Bilinear sampling equals nearest-cell sampling when each cell covers 1x1 or 2x2 pixels
+# (at 3x3 and more, bilinear rounds off the convex corners of isolated blocks).
+@pytest.mark.parametrize('scale', [1, 2])
+def test_paste_blocky_mask_is_exact_on_integer_scales(scale):
+    rs = np.random.RandomState(scale)
+    mask = (rs.uniform(size=(8, 8)) > 0.5).astype(np.float32)
+    box = (4, 7, 4 + 8 * scale, 7 + 8 * scale)
+    got = ev.paste_mask(mask, box, (40, 45))
+    np.testing.assert_array_equal(got, reference_paste(mask, box, (40, 45)))
+    assert got.sum() == mask.sum() * scale ** 2  # each cell became scale x scale pixels
+
+
+def test_paste_fractional_boxes_close_to_reference():
+    yy, xx = np.mgrid[:28, :28] + 0.5
+    disc = ((yy - 14) ** 2 + (xx - 13) ** 2 < 11 ** 2).astype(np.float32)
+    rs = np.random.RandomState(0)
+    for _ in range(10):
+        x1, y1 = rs.uniform(-10, 60, size=2)
+        w, h = rs.uniform(30, 70, size=2)
+        box = (x1, y1, x1 + w, y1 + h)
+        got = ev.paste_mask(disc, box, (90, 100))
+        want = reference_paste(disc, box, (90, 100))
+        assert want.sum() > 100 and iou(got, want) >= 0.97, (box, iou(got, want))
+
+
+def test_paste_box_outside_image_or_degenerate_gives_empty_mask():
+    ones = np.ones((28, 28), dtype=np.float32)
+    assert ev.paste_mask(ones, (60, 60, 80, 90), (50, 50)).sum() == 0
+    assert ev.paste_mask(ones, (10, 10, 10, 20), (50, 50)).sum() == 0
+
+
+def test_rle_pasting_matches_full_masks_and_bounds_memory():
+    rs = np.random.RandomState(1)
+    n, shape = 3000, (400, 500)
+    xy = rs.uniform(0, 480, size=(n, 2)) * [1, 0.78]
+    boxes = np.concatenate([xy, xy + rs.uniform(4, 20, size=(n, 2))], axis=1)
+    masks = rs.uniform(size=(n, 28, 28)).astype(np.float32)
+
+    gen = ev.iter_paste_masks(masks, boxes, shape)
+    assert isinstance(gen, types.GeneratorType)
+    tracemalloc.start()
+    rles = ev.paste_masks_rle(masks, boxes, shape)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # 3000 full masks would take 600 MB; one at a time (plus the RLE strings) stays small.
+    assert peak < 30 * 2 ** 20, peak
+    assert len(rles) == n and all(isinstance(r['counts'], str) for r in rles)
+    for i, full in zip(range(5), gen):
+        np.testing.assert_array_equal(mask_util.decode(rles[i]), full)
+        assert full.sum() > 0
+
+
+# ------------------------------------------------------------------ predict_image
+def test_predict_image_maps_boxes_back_per_axis(test_cfg):
+    test_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 50
+    test_cfg.PREPROC.MAX_SIZE = 1000
+    seen = []
+
+    def model_func(resized):  # a known box: the whole resized image, and one fixed box
+        seen.append(resized.shape)
+        h, w = resized.shape[:2]
+        return (np.float32([[0, 0, w, h], [10, 20, 30, 40]]), np.float32([0.9, 0.8]),
+                np.int32([1, 2]))
+
+    img = np.zeros((123, 77, 3), dtype=np.float32)  # 79.87 x 50 -> 80 x 50: sy != sx
+    timings = {}
+    results = ev.predict_image(img, model_func, timings=timings)
+    assert seen == [(80, 50, 3)]
+    np.testing.assert_allclose(results[0].box, [0, 0, 77, 123], rtol=1e-6)
+    np.testing.assert_allclose(results[1].box, [10 * 77 / 50, 20 * 123 / 80,
+                                                30 * 77 / 50, 40 * 123 / 80], rtol=1e-6)
+    assert [r.class_id for r in results] == [1, 2] and results[0].mask is None
+    assert set(timings) == set(ev.PHASES) and all(t >= 0 for t in timings.values())
+
+
+def test_predict_image_masks_full_and_rle_agree(test_cfg):
+    test_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 30  # 60 x 80 -> 30 x 40
+    test_cfg.PREPROC.MAX_SIZE = 1000
+
+    def model_func(resized):  # box in resized pixels = (5, 5, 25, 15) in the original
+        return (np.float32([[2.5, 2.5, 12.5, 7.5]]), np.float32([1.]), np.int32([1]),
+                np.ones((1, 28, 28), np.float32))
+
+    img = np.zeros((60, 80, 3), dtype=np.float32)
+    full = ev.predict_image(img, model_func)[0]
+    rle = ev.predict_image(img, model_func, mask_format='rle')[0]
+    assert full.mask.shape == (60, 80) and full.mask[5:15, 5:25].all() and full.mask.sum() == 200
+    np.testing.assert_array_equal(mask_util.decode(rle.mask), full.mask)
+    assert ev.detection_to_dict(full, 7)['segmentation'] == rle.mask
+
+
+# ------------------------------------------------------------------ a stand-in model
+# Images: black, one pure red rectangle (class 1) and one pure green rectangle (class 2).
+RECTS = {1: (2, 'red'), 2: (1, 'green')}  # class -> (BGR channel, name)
+
+
+class StandInModel(ModelDesc):
+    """The inference interface of NOTES.md, computed from the image with tf ops: each
+    class's box is the bounding box of the pixels of its pure colour; masks are all ones."""
+
+    def inputs(self):
+        return [tf.TensorSpec([None, None, 3], tf.float32, 'image')]
+
+    def build_graph(self, image):
+        w = tf1.get_variable('w', [], initializer=tf1.zeros_initializer())
+        boxes = []
+        for ch, _ in RECTS.values():
+            others = [c for c in range(3) if c != ch]
+            fg = (image[:, :, ch] > 200) & tf.reduce_all(
+                tf.gather(image, others, axis=2) < 50, axis=2)
+            cols = tf.where(tf.reduce_any(fg, axis=0))[:, 0]
+            rows = tf.where(tf.reduce_any(fg, axis=1))[:, 0]
+            boxes.append(tf.stack([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]))
+        boxes = tf.cast(tf.stack(boxes), tf.float32) + 0. * w
+        tf.identity(boxes, name='output/boxes')
+        tf.identity(tf.ones([2]) * 0.9, name='output/scores')
+        tf.constant(list(RECTS), dtype=tf.int32, name='output/labels')
+        tf.ones([2, 28, 28], name='output/masks')
+        return tf.square(w - 1., name='cost')
+
+    def optimizer(self):
+        return tf1.train.GradientDescentOptimizer(0.1)
+
+
+def make_image(rs, h=48, w=64):
+    """uint8 [h, w, 3] BGR image with the two rectangles (red left, green right, never
+    overlapping) and their boxes {class: [x1, y1, x2, y2]}."""
+    img = np.zeros((h, w, 3), dtype=np.uint8)
+    boxes = {}
+    for cls, (ch, _) in RECTS.items():
+        x1 = int(rs.randint(0, w // 2 - 20)) + (cls - 1) * (w // 2)
+        y1 = int(rs.randint(0, h - 20))
+        x2, y2 = x1 + int(rs.randint(8, 20)), y1 + int(rs.randint(8, 20))
+        img[y1:y2, x1:x2, ch] = 255
+        boxes[cls] = [x1, y1, x2, y2]
+    return img, boxes
+
+
+@pytest.fixture
+def coco_split(tmp_path):
+    """A registered COCO json with non-contiguous category ids 3 (red) and 7 (green).
+
+    Returns:
+        (dataset name, json path)
+    """
+    rs = np.random.RandomState(3)
+    images, anns = [], []
+    for i in range(4):
+        img, boxes = make_image(rs)
+        cv2.imwrite(str(tmp_path / 'im{}.png'.format(i)), img)
+        images.append({'id': i + 10, 'file_name': 'im{}.png'.format(i), 'height': 48,
+                       'width': 64})
+        for cls, cat in ((1, 3), (2, 7)):
+            x1, y1, x2, y2 = boxes[cls]
+            anns.append({'id': len(anns) + 1, 'image_id': i + 10, 'category_id': cat,
+                         'bbox': [x1, y1, x2 - x1, y2 - y1], 'iscrowd': 0,
+                         'area': (x2 - x1) * (y2 - y1),
+                         'segmentation': [[x1, y1, x2, y1, x2, y2, x1, y2]]})
+    cats = [{'id': 7, 'name': 'green'}, {'id': 3, 'name': 'red'}]
+    json_file = tmp_path / 'instances.json'
+    json_file.write_text(json.dumps({'images': images, 'annotations': anns,
+                                     'categories': cats}))
+    name = 'test_eval_{}'.format(tmp_path.name)
+    register_coco_json(name, str(json_file), str(tmp_path))
+    return name, str(json_file)
+
+
+@pytest.fixture
+def stand_in_cfg(test_cfg):
+    test_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 48  # the images' own size: no resampling
+    test_cfg.PREPROC.MAX_SIZE = 1000
+    test_cfg.PREPROC.IMAGE_CHANNELS = 3
+    test_cfg.PREPROC.CHANNEL_ORDER = 'BGR'
+    test_cfg.MODE_MASK = True
+    test_cfg.TRAIN.NUM_GPUS = 0
+    return test_cfg
+
+
+def test_evaluate_on_dataset_original_ids_and_perfect_ap(stand_in_cfg, coco_split, tmp_path):
+    name, json_file = coco_split
+    predictor = OfflinePredictor(PredictConfig(
+        model=StandInModel(), input_names=['image'],
+        output_names=ev.get_inference_output_names()))
+    # A corrupt file among the images is skipped, not fatal.
+    with open(json_file) as f:
+        gt = json.load(f)
+    gt['images'].append({'id': 99, 'file_name': 'corrupt.png', 'height': 48, 'width': 64})
+    (tmp_path / 'corrupt.png').write_bytes(b'not a png')
+    with open(json_file, 'w') as f:
+        json.dump(gt, f)
+
+    out = str(tmp_path / 'results.json')
+    metrics = ev.evaluate_on_dataset(name, predictor, out)
+    assert metrics['mAP(bbox)/IoU=0.5:0.95'] == pytest.approx(1.0)
+    assert metrics['mAP(segm)/IoU=0.5:0.95'] == pytest.approx(1.0)
+    assert metrics['mAP(bbox)/class/red'] == pytest.approx(1.0)
+    with open(out) as f:
+        dets = json.load(f)
+    assert {d['category_id'] for d in dets} == {3, 7} and len(dets) == 8
+    coco_dt = COCO(json_file).loadRes(out)  # pycocotools accepts our json as is
+    assert len(coco_dt.getAnnIds()) == 8
+
+
+def test_eval_callback_writes_metrics_to_monitors(stand_in_cfg, coco_split, tmp_path):
+    name, _ = coco_split
+    logdir = str(tmp_path / 'log')
+    logger.set_logger_dir(logdir, action='k')
+    rs = np.random.RandomState(0)
+    df = DataFromList([[make_image(rs)[0].astype(np.float32)] for _ in range(2)],
+                      shuffle=False)
+    with tf.Graph().as_default():
+        launch_train_with_config(TrainConfig(
+            model=StandInModel(), dataflow=df, steps_per_epoch=2, max_epoch=3,
+            callbacks=[ev.EvalCallback(dataset_names=[name], eval_period=2)],
+            monitors=None), SimpleTrainer())
+    with open(os.path.join(logdir, 'stats.json')) as f:
+        stats = json.load(f)
+    key = name + '/mAP(bbox)/IoU=0.5:0.95'
+    # Evaluated at epoch 2 (period) and 3 (the last), not at epoch 1.
+    assert [s['epoch_num'] for s in stats if key in s] == [2, 3]
+    assert all(s[key] == pytest.approx(1.0) for s in stats if key in s)
+    assert sorted(f for f in os.listdir(logdir) if f.startswith('outputs')) == \
+        ['outputs4-{}.json'.format(name), 'outputs6-{}.json'.format(name)]
+
+
+# ------------------------------------------------------------------ viz
+def test_to_display_bgr_handles_gray_rgba_and_rgb():
+    gray = np.full((4, 5, 1), 300., dtype=np.float32)
+    assert viz.to_display_bgr(gray).shape == (4, 5, 3) and viz.to_display_bgr(gray).max() == 255
+    rgbd = np.zeros((4, 5, 4), dtype=np.float32)
+    rgbd[..., 0] = 200  # red, in RGB order
+    out = viz.to_display_bgr(rgbd, 'RGB')
+    assert out.shape == (4, 5, 3) and (out[..., 2] == 200).all() and (out[..., 0] == 0).all()
+
+
+def test_draw_predictions_blends_masks_and_panel_layout():
+    img = np.zeros((60, 80, 3), dtype=np.uint8)
+    mask = np.zeros((60, 80), dtype=np.uint8)
+    mask[30:50, 40:70] = 1
+    results = [ev.DetectionResult(np.float32([40, 30, 70, 50]), 0.9, 1, mask),
+               ev.DetectionResult(np.float32([5, 5, 20, 20]), 0.9, 2,
+                                  ev.encode_mask(np.pad(np.ones((15, 15), np.uint8),
+                                                        ((5, 40), (5, 60))))),
+               ev.DetectionResult(np.float32([0, 0, 10, 10]), 0.1, 1, None)]
+    out = viz.draw_predictions(img, results, ['BG', 'a', 'b'], score_thresh=0.5)
+    assert img.max() == 0  # the input is untouched
+    assert out[40, 55].any() and out[12, 12].any()  # both masks (array and RLE) blended
+    assert not out[55:, :30].any()  # nothing where nothing was predicted
+    panel = viz.draw_final_outputs_panel(img, [[1, 1, 30, 30]], [1], None, results,
+                                         ['BG', 'a', 'b'])
+    assert panel.shape == (60, 3 * 80 + 8, 3)
+    nothing = viz.draw_predictions(img, results, ['BG', 'a', 'b'], score_thresh=1.)
+    np.testing.assert_array_equal(nothing, img)

@@ -1,0 +1,46 @@
+"""A tiny model configuration for fast CPU tests, and a context manager to apply it."""
+import contextlib
+
+from config import config as cfg, finalize_configs
+from dataset import register_shapes
+
+# ResNet-18, 128-160 px images, few proposals and narrow heads: one training step of the
+# full Mask R-CNN takes well under a second on 2 cores.
+TINY = [
+    'DATA.TRAIN=shapes_train', 'DATA.VAL=shapes_val', 'DATA.NUM_WORKERS=0',
+    'BACKBONE.DEPTH=18', 'BACKBONE.NORM=GN', 'BACKBONE.FREEZE_AT=0',
+    'PREPROC.TRAIN_SHORT_EDGE_SIZE=[128,160]', 'PREPROC.TEST_SHORT_EDGE_SIZE=128',
+    'PREPROC.MAX_SIZE=192',
+    'RPN.ANCHOR_SIZES=(16,32,64,128,256)', 'RPN.HEAD_DIM=64', 'RPN.BATCH_PER_IM=64',
+    'RPN.TRAIN_PRE_NMS_TOPK=300', 'RPN.TRAIN_POST_NMS_TOPK=100',
+    'RPN.TEST_PRE_NMS_TOPK=300', 'RPN.TEST_POST_NMS_TOPK=100',
+    'RPN.TRAIN_PER_LEVEL_NMS_TOPK=100', 'RPN.TEST_PER_LEVEL_NMS_TOPK=100',
+    'FRCNN.BATCH_PER_IM=64', 'FPN.NUM_CHANNEL=32', 'FPN.FRCNN_CONV_HEAD_DIM=32',
+    'FPN.FRCNN_FC_HEAD_DIM=64', 'MRCNN.HEAD_DIM=32', 'MRCNN.GT_MASK_SIZE=56',
+    'TEST.RESULTS_PER_IM=20',
+]
+
+
+def _snapshot():
+    return {k: cfg._lookup(k)[0].__dict__[cfg._lookup(k)[1]] for k in cfg.flat_keys()}
+
+
+def _restore(saved):
+    cfg.freeze(False)
+    for k, v in saved.items():
+        node, leaf = cfg._lookup(k)
+        node.__dict__[leaf] = v
+
+
+@contextlib.contextmanager
+def configured(overrides=(), is_training=True, tiny=True):
+    """Apply TINY (optionally) + overrides, finalise for CPU, restore everything after."""
+    saved = _snapshot()
+    try:
+        cfg.freeze(False)
+        register_shapes(num_train=40, num_val=8)
+        cfg.update_args((TINY if tiny else []) + list(overrides))
+        finalize_configs(is_training=is_training, num_gpus=0)
+        yield cfg
+    finally:
+        _restore(saved)
