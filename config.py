@@ -144,8 +144,16 @@ class AttrDict:
         walk(tree, '')
 
     def save_yaml(self, path):
+        """Write every leaf; keys derived from this machine are written as 'auto'."""
+        tree = self.to_dict()
+        for key, value in self.__dict__.get('_auto_values', {}).items():
+            *parents, leaf = key.split('.')
+            node = tree
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
         with open(path, 'w') as f:
-            yaml.safe_dump(self.to_dict(), f, default_flow_style=None, sort_keys=False)
+            yaml.safe_dump(tree, f, default_flow_style=None, sort_keys=False)
 
 
 def parse_value(text):
@@ -421,6 +429,7 @@ def finalize_configs(is_training, num_gpus=None):
         ConfigError: naming the offending key(s).
     """
     _C.freeze(False)
+    _C.__dict__['_auto_values'] = {}
     _validate()
     _derive_classes()
     _C.RPN.NUM_ANCHOR = len(_C.RPN.ANCHOR_SIZES) * len(_C.RPN.ANCHOR_RATIOS)
@@ -431,6 +440,8 @@ def finalize_configs(is_training, num_gpus=None):
         num_gpus = get_num_gpu()
     _C.TRAIN.NUM_GPUS = num_gpus
     if not _C.BACKBONE.DATA_FORMAT:
+        # Saved as '' (auto): a GPU-trained model must not force NCHW on a CPU predictor.
+        _C.__dict__['_auto_values'] = {'BACKBONE.DATA_FORMAT': ''}
         _C.BACKBONE.DATA_FORMAT = default_data_format(num_gpus)
     if _C.TRAIN.PRECISION == 'fp16' and num_gpus == 0:
         _fail('TRAIN.PRECISION=fp16 needs a GPU; on CPU use bf16.')

@@ -8,8 +8,9 @@
     python predict.py --load train_log/maskrcnn --export-savedmodel export/ --export-pb model.pb
 
 --load takes a checkpoint directory (its latest checkpoint), a checkpoint prefix or an .npz.
-Use the same --config-file / --config as training: the channels, channel order and model
-shape come from the config. Images are read exactly as in training (common.read_image).
+The config is the training run's own (the config.yaml that train.py wrote next to the
+checkpoint) unless --config-file is given; --config overrides apply on top. Images are read
+exactly as in training (common.read_image), in the channel order the model was trained on.
 
 Exit status: 2 for a bad --load path, dataset name or existing --export-savedmodel folder,
 1 for a config error (as train.py); with --predict,
@@ -240,9 +241,22 @@ def run_visualize(args, weights):
         print('{} -> {}'.format(roidb['file_name'], out))
 
 
+def training_config_file(load):
+    """The config.yaml that train.py wrote next to the checkpoint ``load``, or None."""
+    folder = load if os.path.isdir(load) else os.path.dirname(load)
+    path = os.path.join(folder, 'config.yaml')
+    return path if os.path.isfile(path) else None
+
+
 def main(args):
     from dataset import DatasetRegistryError
     from utils.training import UserInputError, WeightsLoader
+    if args.config_file is None:
+        # The training run's own config: same channels, channel order and model shape
+        # (a model trained on BGR must never be fed RGB by a forgotten flag).
+        args.config_file = training_config_file(args.load)
+        if args.config_file:
+            print('predict.py: using the training config {}'.format(args.config_file))
     setup_config(args, is_training=False)
     try:
         weights = WeightsLoader(args.load)  # reads the file now: a bad path fails here

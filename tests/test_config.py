@@ -151,6 +151,18 @@ def test_yaml_round_trip(fresh_cfg, tmp_path):
     assert cfg.DATA.VAL == ('a', 'b') and cfg.TRAIN.BASE_LR == 0.123
 
 
+def test_yaml_keeps_machine_derived_data_format_auto(fresh_cfg, toy_dataset, tmp_path):
+    cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train'])
+    finalize_configs(is_training=True, num_gpus=1)      # a GPU run derives NCHW
+    assert cfg.BACKBONE.DATA_FORMAT == 'NCHW'
+    path = str(tmp_path / 'gpu.yaml')
+    cfg.save_yaml(path)
+    cfg.freeze(False)
+    cfg.load_yaml(path)
+    finalize_configs(is_training=False, num_gpus=0)     # predicting on a CPU
+    assert cfg.BACKBONE.DATA_FORMAT == 'NHWC'
+
+
 def test_yaml_unknown_key_is_error(fresh_cfg, tmp_path):
     path = tmp_path / 'bad.yaml'
     path.write_text('TRAIN:\n  BASE_LRR: 0.1\n')
