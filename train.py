@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from config import ConfigError, config as cfg, finalize_configs
+from config import config as cfg, finalize_configs
+from utils.training import USER_ERRORS
 
 
 def parse_args(argv=None):
@@ -30,22 +31,22 @@ def parse_args(argv=None):
 
 
 def setup_config(args, is_training):
-    """Register datasets, apply --config-file then --config, finalise. Exits on bad input."""
+    """Register datasets, apply --config-file then --config, finalise (ConfigError if bad)."""
     from dataset import register_builtin_datasets
-    try:
-        if args.config_file:
-            cfg.load_yaml(args.config_file)
-        cfg.update_args(args.config)
-        register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR))
-        finalize_configs(is_training=is_training)
-    except ConfigError as e:
-        sys.exit('Config error: {}'.format(e))
+    if args.config_file:
+        cfg.load_yaml(args.config_file)
+    cfg.update_args(args.config)
+    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR))
+    finalize_configs(is_training=is_training)
 
 
-def main(args):
-    # our modules log through `logging` (tensorpack's logger does not propagate)
-    logging.basicConfig(level=logging.INFO, format='[%(asctime)s %(name)s] %(message)s',
-                        datefmt='%m%d %H:%M:%S')
+def train(args):
+    """Configure, then resume from --logdir's latest checkpoint or start (from --load, or
+    from scratch), and train to the end of the scaled schedule.
+
+    Raises:
+        one of utils.training.USER_ERRORS on input the user can fix, or TrainingDiverged.
+    """
     setup_config(args, is_training=True)
 
     import tensorflow as tf
@@ -58,8 +59,9 @@ def main(args):
 
     from data import get_train_dataflow
     from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
-    from utils.training import (HostMemoryTracker, LRSetter, ScaledSchedule, UserInputError,
-                                WeightsLoader, find_resume_checkpoint)
+    from utils.training import (DUMP_WEIGHTS_ENV, DumpWeights, HostMemoryTracker, LRSetter,
+                                NonFiniteGuard, ScaledSchedule, WeightsLoader, add_log_file,
+                                find_resume_checkpoint, write_config)
 
     if cfg.TRAINER == 'horovod':
         import horovod.tensorflow as hvd
@@ -69,33 +71,40 @@ def main(args):
         rank, num_devices = 0, max(cfg.TRAIN.NUM_GPUS, 1)
     is_chief = rank == 0
     tf.compat.v1.set_random_seed(cfg.TRAIN.SEED + rank)
+    schedule = ScaledSchedule(num_devices)
+
+    # Everything that can fail on a bad path is checked before the log directory is made.
+    resume_ckpt, resume_step = find_resume_checkpoint(args.logdir)
+    if resume_ckpt:
+        session_init = SaverRestore(resume_ckpt)  # everything, optimizer state too
+    elif args.load:
+        session_init = WeightsLoader(args.load, skip_regex=args.load_skip)
+    else:
+        session_init = None
 
     if is_chief:
         logger.set_logger_dir(args.logdir, action='k')  # keep: resuming must lose nothing
-        cfg.save_yaml(os.path.join(args.logdir, 'config.yaml'))
+        add_log_file(args.logdir)
+        write_config(args.logdir)
         logger.info('Config:\n' + str(cfg))
-
-    schedule = ScaledSchedule(num_devices)
     logger.info('Schedule: ' + schedule.describe())
-
-    resume_ckpt, resume_step = find_resume_checkpoint(args.logdir)
-    try:
-        if resume_ckpt:
-            logger.info('Resuming from {} (global step {}).'.format(resume_ckpt, resume_step))
-            session_init = SaverRestore(resume_ckpt)  # everything, optimizer state too
-        elif args.load:
-            session_init = WeightsLoader(args.load, skip_regex=args.load_skip)
-        else:
-            session_init = None
-    except UserInputError as e:
-        sys.exit(str(e))
+    if resume_ckpt:
+        logger.info('Resuming from {} (global step {}).'.format(resume_ckpt, resume_step))
+        if args.load:
+            logger.warn('--load {} is ignored: resuming from {}.'.format(args.load, resume_ckpt))
+        if resume_step >= schedule.total_iters:
+            logger.info('Nothing to do: the schedule ends at global step {} '
+                        '(raise TRAIN.LR_SCHEDULE to train longer).'.format(schedule.total_iters))
+            return
     starting_epoch = resume_step // cfg.TRAIN.STEPS_PER_EPOCH + 1
 
     def at_checkpoint(cb):
         return cb.epoch_num % cfg.TRAIN.CHECKPOINT_PERIOD == 0 or \
             cb.epoch_num == cb.trainer.max_epoch
 
+    guard = NonFiniteGuard(schedule, checkpoint_dir=args.logdir)
     callbacks = [
+        guard,  # first: its end-of-epoch weight check must precede the ModelSaver
         EnableCallbackIf(ModelSaver(max_to_keep=10, keep_checkpoint_every_n_hours=1,
                                     checkpoint_dir=args.logdir), at_checkpoint),
         LRSetter(schedule),
@@ -107,6 +116,8 @@ def main(args):
     if cfg.TRAIN.EVAL_PERIOD > 0:
         from eval import EvalCallback
         callbacks.append(EvalCallback())
+    if os.environ.get(DUMP_WEIGHTS_ENV):  # tests: compare the ranks' final weights
+        callbacks.append(DumpWeights(os.environ[DUMP_WEIGHTS_ENV], rank))
 
     model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
     dataflow = get_train_dataflow(shard=(rank, num_devices) if num_devices > 1 else None)
@@ -121,6 +132,18 @@ def main(args):
     else:
         trainer = SimpleTrainer()
     launch_train_with_config(traincfg, trainer)
+    guard.raise_if_diverged()
+
+
+def main(args):
+    """Train; a user error ends with one "Error: ..." line on stderr and exit status 1."""
+    # our modules log through `logging` (tensorpack's logger does not propagate)
+    logging.basicConfig(level=logging.INFO, format='[%(asctime)s %(name)s] %(message)s',
+                        datefmt='%m%d %H:%M:%S')
+    try:
+        train(args)
+    except USER_ERRORS as e:  # the user can fix these: one line, no traceback
+        sys.exit('Error: {}'.format(e))
 
 
 if __name__ == '__main__':

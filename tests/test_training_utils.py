@@ -1,10 +1,19 @@
-"""utils/training.py: the scaled LR schedule and weight loading with skips."""
+"""utils/training.py: the scaled LR schedule, weight loading with skips, the non-finite
+guard (on a toy tensorpack training), the log file and config file helpers."""
+import logging
+import os
+
 import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
+from tensorpack import ModelDesc
+from tensorpack.callbacks import ModelSaver
+from tensorpack.dataflow import DataFromList
+from tensorpack.train import SimpleTrainer, TrainConfig, launch_train_with_config
 
 from config import config as cfg
-from utils.training import ScaledSchedule, UserInputError, WeightsLoader, read_weights
+from utils.training import (NonFiniteGuard, ScaledSchedule, TrainingDiverged, UserInputError,
+                            WeightsLoader, add_log_file, read_weights, write_config)
 
 
 @pytest.fixture
@@ -93,3 +102,119 @@ def test_read_weights_from_checkpoint_and_bad_paths(tmp_path):
     empty.mkdir()
     with pytest.raises(UserInputError, match='no checkpoint found'):
         read_weights(str(empty))
+
+
+class _ToyModel(ModelDesc):
+    """total_cost = a_loss + b_loss, a_loss = tanh(w) . x, b_loss = 0.1 |tanh(w - 1)|^2.
+
+    w starts at [1, 1], where an input x = 0 gives zero gradients. The losses stay finite
+    for any w, even infinite: the forward pass may read w before or after the update of
+    the same iteration (no ordering between them), and either way gives the same verdict.
+    """
+
+    def __init__(self, lr):
+        self._lr = lr
+
+    def inputs(self):
+        return [tf.TensorSpec((2,), tf.float32, 'x')]
+
+    def build_graph(self, x):
+        w = tf.get_variable('w', initializer=np.ones(2, np.float32))
+        a = tf.reduce_sum(tf.tanh(w) * x, name='a_loss')
+        b = tf.multiply(tf.reduce_sum(tf.square(tf.tanh(w - 1.))), 0.1, name='b_loss')
+        return tf.add_n([a, b], name='total_cost')
+
+    def optimizer(self):
+        return tf.train.GradientDescentOptimizer(self._lr)
+
+
+def _train_toy(xs, lr, ckpt_dir):
+    """Train on the points ``xs`` in order, 2 iterations per epoch, saving every epoch
+    (after the guard, as train.py orders them). Returns the guard."""
+    guard = NonFiniteGuard(checkpoint_dir=ckpt_dir)
+    config = TrainConfig(
+        model=_ToyModel(lr), dataflow=DataFromList([[np.float32(x)] for x in xs], shuffle=False),
+        callbacks=[guard, ModelSaver(checkpoint_dir=ckpt_dir)], monitors=[],
+        steps_per_epoch=2, max_epoch=len(xs) // 2)
+    with tf.Graph().as_default():
+        launch_train_with_config(config, SimpleTrainer())
+    return guard
+
+
+def test_guard_stops_at_the_first_nan_loss(tmp_path):
+    # iteration 3 (the last of epoch 2) sees a NaN input: its a_loss and the total are NaN
+    xs = [[1, 1], [1, 1], [1, 1], [np.nan, 1], [1, 1], [1, 1]]
+    guard = _train_toy(xs, 0.01, str(tmp_path))
+    with pytest.raises(TrainingDiverged) as e:
+        guard.raise_if_diverged()
+    msg = str(e.value)
+    assert 'non-finite loss at global step 3 (epoch 2, iteration 2 of 2)' in msg
+    assert 'total_cost=nan, a_loss=nan' in msg and 'b_loss' not in msg
+    assert 'TRAIN.BASE_LR' in msg and 'TRAIN.WARMUP' in msg
+    # epoch 2 ended with that iteration, yet nothing was saved after it
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith('model-2')
+    assert 'model-2 is kept' in msg
+
+
+def test_guard_checks_the_weights_before_the_epoch_is_saved(tmp_path):
+    # iteration 1's loss is finite (about 1e30), but its update sends w[0] to -inf
+    xs = [[0, 0], [1e30, 1], [1, 1], [1, 1]]
+    guard = _train_toy(xs, 1e10, str(tmp_path))
+    with pytest.raises(TrainingDiverged, match=r'weights became non-finite in the last update '
+                                               r'of epoch 1 \(global step 1\).*: w\b'):
+        guard.raise_if_diverged()
+    assert tf.train.latest_checkpoint(str(tmp_path)) is None  # model-2 would hold -inf
+    assert 'no checkpoint was written' in str(guard.error)
+
+
+def test_guard_is_quiet_on_finite_training(tmp_path):
+    guard = _train_toy([[1, 1]] * 4, 0.01, str(tmp_path))
+    guard.raise_if_diverged()
+    assert guard.error is None
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith('model-4')
+
+
+def test_add_log_file_shares_tensorpack_handler(tmp_path):
+    """Stdlib records go through tensorpack's own file handler: one file offset, so the
+    two loggers' lines interleave instead of overwriting each other."""
+    path = str(tmp_path / 'log.log')
+    tp_logger = logging.getLogger('tensorpack')
+    tp_handler = logging.FileHandler(path, mode='w')  # as tensorpack opens it
+    tp_logger.addHandler(tp_handler)
+    root = logging.getLogger()
+    try:
+        assert add_log_file(str(tmp_path)) is tp_handler
+        tp_logger.info('from tensorpack 1')
+        logging.getLogger('data').warning('from the data pipeline')
+        tp_logger.info('from tensorpack 2')
+    finally:
+        tp_logger.removeHandler(tp_handler)
+        root.removeHandler(tp_handler)
+        tp_handler.close()
+    with open(path) as f:
+        lines = f.read().splitlines()
+    assert lines == ['from tensorpack 1', 'from the data pipeline', 'from tensorpack 2']
+
+
+def test_write_config_keeps_a_different_previous_config(tmp_path):
+    logdir = str(tmp_path)
+    assert write_config(logdir) is None
+    with open(os.path.join(logdir, 'config.yaml')) as f:
+        current = f.read()
+    assert 'BASE_LR' in current
+    mtime = os.stat(os.path.join(logdir, 'config.yaml')).st_mtime_ns
+    assert write_config(logdir) is None                      # same config: left alone
+    assert os.stat(os.path.join(logdir, 'config.yaml')).st_mtime_ns == mtime
+    with open(os.path.join(logdir, 'config.yaml'), 'w') as f:
+        f.write('TRAIN: {BASE_LR: 0.5}\n')                    # an earlier run's
+    backup = write_config(logdir)
+    with open(backup) as f:
+        assert f.read() == 'TRAIN: {BASE_LR: 0.5}\n'
+    with open(os.path.join(logdir, 'config.yaml')) as f:
+        assert f.read() == current
+    with open(os.path.join(logdir, 'config.yaml'), 'w') as f:
+        f.write('another\n')
+    second = write_config(logdir)                             # same second: no clobbering
+    assert second != backup and os.path.isfile(backup) and os.path.isfile(second)
+    assert sorted(os.listdir(logdir)) == sorted(
+        ['config.yaml', os.path.basename(backup), os.path.basename(second)])

@@ -1,23 +1,48 @@
-"""Training helpers behind train.py: LR schedule, resume, weight loading, host memory.
+"""Training helpers behind train.py: LR schedule, resume, weight loading, the non-finite
+loss guard, host memory, log and config files.
 
 Nothing here builds the model; train.py wires these into one tensorpack trainer.
 """
+import filecmp
 import glob
+import logging
+import math
 import os
 import re
 import resource
+import time
 
 import numpy as np
 import tensorflow as tf
 from tensorpack.callbacks import Callback, HyperParamSetter
 from tensorpack.tfutils.sessinit import SessionInit
+from tensorpack.tfutils.varmanip import dump_session_params
+from tensorpack.train.base import StopTraining
 from tensorpack.utils import logger
 
-from config import config as cfg
+from common import ImageReadError
+from config import ConfigError, config as cfg
+from dataset import DatasetRegistryError
+
+# Set to a path prefix to make every rank write <prefix>.rank<k>.npz after training (tests).
+DUMP_WEIGHTS_ENV = 'RCNN_TEST_DUMP_WEIGHTS'
 
 
 class UserInputError(Exception):
     """A problem the user can fix (bad path, ...): train.py prints it without traceback."""
+
+
+class TrainingDiverged(StopTraining):
+    """A loss or a weight became NaN or Inf; the message says where and what to try.
+
+    A `StopTraining`, so tensorpack ends the loop cleanly (after_train runs, nothing more is
+    saved); `NonFiniteGuard.raise_if_diverged` re-raises it once training has returned.
+    """
+
+
+# What train.py reports as one "Error: ..." line instead of a traceback.
+USER_ERRORS = (UserInputError, TrainingDiverged, ConfigError, DatasetRegistryError,
+               FileNotFoundError, ImageReadError)
 
 
 class ScaledSchedule:
@@ -125,7 +150,9 @@ class WeightsLoader(SessionInit):
 
     Variables matching ``skip_regex``, absent from the file, or whose shape differs (a new
     class count, a first conv with another channel count) keep their initial values; each
-    group is listed in the log. Optimizer slots and the global step are never loaded.
+    group is listed in the log. Optimizer slots, the global step, the learning rate and the
+    moving averages of the logged losses (``EMA/...``) are never loaded: they belong to the
+    run that wrote the file, not to the weights.
     """
 
     def __init__(self, path, skip_regex=''):
@@ -139,7 +166,7 @@ class WeightsLoader(SessionInit):
         self.loaded = []
         for var in tf.compat.v1.global_variables():
             name = var.op.name
-            if re.search(r'(Momentum|global_step|AccumGrad|learning_rate)', name):
+            if re.search(r'(Momentum|global_step|AccumGrad|learning_rate|^EMA/)', name):
                 continue
             if self.skip_regex is not None and self.skip_regex.search(name):
                 skipped['matched --load-skip'].append(name)
@@ -156,3 +183,155 @@ class WeightsLoader(SessionInit):
             if names:
                 logger.warn('Not loaded ({}, {}): {}'.format(reason, len(names), ', '.join(names)))
         self.skipped = skipped
+
+
+def _short_name(tensor):
+    """'tower0/fastrcnn_losses/box_loss:0' -> 'fastrcnn_losses/box_loss'."""
+    return re.sub(r'^tower\d+/', '', tensor.op.name)
+
+
+class NonFiniteGuard(Callback):
+    """Stops training at the first NaN/Inf loss, before anything non-finite is saved.
+
+    Every iteration it fetches ``total_cost`` and the terms summed into it (the RPN, box,
+    mask and weight-decay losses) along with the training op: a few scalars, no extra
+    session run. Once per epoch, before the checkpoint callbacks (put this callback before
+    them), it checks that every trainable variable is finite: an iteration's loss may be
+    computed from the weights before its own update (the variable reads and the update are
+    not ordered), so an epoch's last update that blew up would otherwise be saved.
+
+    On a non-finite value it raises `TrainingDiverged` (a `StopTraining`) naming the global
+    step, the offending losses and the usual fixes. The ModelSaver never runs afterwards:
+    the raise happens before this iteration's ``trigger_step`` / ``trigger_epoch``, so the
+    last checkpoint on disk keeps finite weights. tensorpack returns normally from a
+    `StopTraining`; call `raise_if_diverged` after training to turn it into an error.
+    """
+
+    _chief_only = False  # every Horovod rank stops, none hangs in an all-reduce
+
+    def __init__(self, schedule=None, checkpoint_dir=None):
+        """
+        Args:
+            schedule (ScaledSchedule or None): to quote the LR of the failing step.
+            checkpoint_dir (str or None): to name the last (kept) checkpoint.
+        """
+        self._schedule = schedule
+        self._checkpoint_dir = checkpoint_dir
+        self.error = None
+
+    def _setup_graph(self):
+        total = self.get_tensors_maybe_in_tower(['total_cost:0'])[0]
+        terms = list(total.op.inputs) if total.op.type in ('AddN', 'AddV2', 'Add') else []
+        self._losses = [total] + terms
+        self._loss_names = [_short_name(t) for t in self._losses]
+        self._weights = tf.compat.v1.trainable_variables()
+        with tf.name_scope('nonfinite_guard'):
+            self._weights_finite = tf.stack(
+                [tf.reduce_all(tf.math.is_finite(v)) for v in self._weights])
+        self._fetches = tf.compat.v1.train.SessionRunArgs(fetches=self._losses)
+
+    def _before_run(self, _):
+        # The Python-side global step: how many iterations ran before this one (the value
+        # the LR schedule uses). Read now: MaintainStepCounter increments it in after_run.
+        self._step = self.global_step
+        return self._fetches
+
+    def _after_run(self, _, run_values):
+        values = run_values.results
+        bad = ['{}={}'.format(n, v) for n, v in zip(self._loss_names, values)
+               if not math.isfinite(float(v))]
+        if bad:
+            self._fail('non-finite loss at global step {} (epoch {}, iteration {} of {}): {}'
+                       .format(self._step, self.epoch_num, self.local_step + 1,
+                               self.trainer.steps_per_epoch, ', '.join(bad)), self._step)
+
+    def _trigger_epoch(self):
+        finite = self.trainer.sess.run(self._weights_finite)
+        if not finite.all():
+            names = [_short_name(v) for v, ok in zip(self._weights, finite) if not ok]
+            self._fail('weights became non-finite in the last update of epoch {} (global step '
+                       '{}), though its loss was finite: {}{}'.format(
+                           self.epoch_num, self.global_step - 1, ', '.join(names[:5]),
+                           ' and {} more'.format(len(names) - 5) if len(names) > 5 else ''),
+                       self.global_step - 1)
+
+    def _fail(self, what, step):
+        """Raise `TrainingDiverged` with a message that says what to try."""
+        msg = ['Training diverged: {}.'.format(what)]
+        if self._checkpoint_dir is not None:
+            latest = tf.train.latest_checkpoint(self._checkpoint_dir)
+            msg.append('Nothing was saved after it: {}.'.format(
+                'the last checkpoint {} is kept (run again with the same --logdir to resume '
+                'from it)'.format(latest) if latest else 'no checkpoint was written'))
+        lr = ''
+        if self._schedule is not None:
+            lr = ' (here LR {:.4g} at this step for a total batch of {}; TRAIN.BASE_LR={:g} is ' \
+                 'for TRAIN.REFERENCE_BATCH={})'.format(
+                     self._schedule.lr_at(step), self._schedule.total_batch,
+                     cfg.TRAIN.BASE_LR, cfg.TRAIN.REFERENCE_BATCH)
+        msg.append('Usual causes: a learning rate too high for the batch size{}, no or too '
+                   'short warm-up (TRAIN.WARMUP={}), or bad boxes in the training annotations '
+                   '(check them with `python -m dataset.check`). Try a lower TRAIN.BASE_LR or '
+                   'a longer TRAIN.WARMUP.'.format(lr, cfg.TRAIN.WARMUP))
+        self.error = TrainingDiverged(' '.join(msg))
+        raise self.error
+
+    def raise_if_diverged(self):
+        """Re-raise the `TrainingDiverged` that stopped training, if any."""
+        if self.error is not None:
+            raise self.error
+
+
+class DumpWeights(Callback):
+    """After training, write this process's trainable and model variables to
+    ``<prefix>.rank<rank>.npz`` (loadable with `read_weights` / ``--load``). Tests use it
+    to compare Horovod ranks; train.py adds it when ``RCNN_TEST_DUMP_WEIGHTS`` is set."""
+
+    _chief_only = False
+
+    def __init__(self, prefix, rank):
+        self.path = '{}.rank{}.npz'.format(prefix, rank)
+
+    def _after_train(self):
+        dump_session_params(self.path)  # the trainer's session is the default one here
+
+
+def add_log_file(logdir):
+    """Also write stdlib `logging` records (data pipeline, datasets) to tensorpack's log
+    file ``<logdir>/log.log``; tensorpack's own logger does not propagate to the root.
+
+    The root logger gets tensorpack's own file handler, so both write through one file
+    offset: a second handle on the same file would overwrite lines (tensorpack opens it
+    with mode 'w', not append). Call after ``logger.set_logger_dir(logdir)``.
+    """
+    path = os.path.abspath(os.path.join(logdir, 'log.log'))
+    handler = next(h for h in logging.getLogger('tensorpack').handlers
+                   if isinstance(h, logging.FileHandler) and h.baseFilename == path)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def write_config(logdir):
+    """Write the config to ``<logdir>/config.yaml``. A different one left by an earlier run
+    (resumed with other settings) is kept as ``config-<its mtime>.yaml``, never lost.
+
+    Returns:
+        str or None: the path the previous config was moved to, if any.
+    """
+    path = os.path.join(logdir, 'config.yaml')
+    new = path + '.tmp'
+    cfg.save_yaml(new)
+    backup = None
+    if os.path.isfile(path):
+        if filecmp.cmp(path, new, shallow=False):
+            os.remove(new)  # the same config: leave the file (and its mtime) alone
+            return None
+        stamp = time.strftime('%m%d-%H%M%S', time.localtime(os.path.getmtime(path)))
+        backup = os.path.join(logdir, 'config-{}.yaml'.format(stamp))
+        while os.path.exists(backup):  # two resumes within a second
+            backup = backup[:-len('.yaml')] + '+.yaml'
+        os.replace(path, backup)
+        logger.info('The config differs from the previous run\'s; that one is kept as {}.'
+                    .format(backup))
+    os.replace(new, path)
+    return backup
