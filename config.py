@@ -131,7 +131,11 @@ class AttrDict:
         if not os.path.isfile(path):
             raise ConfigError('Config file "{}" does not exist.'.format(path))
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError('Config file "{}" is not valid YAML: {}'.format(
+                    path, str(e).replace('\n', ' '))) from None
         if not isinstance(tree, dict):
             raise ConfigError('Config file "{}" must hold a mapping.'.format(path))
 

@@ -3,10 +3,11 @@
 roidb format."""
 from .balloon import register_balloon
 from .coco import register_coco, register_coco_json
-from .dataset import DatasetRegistry, DatasetRegistryError, DatasetSplit
+from .dataset import DatasetError, DatasetRegistry, DatasetRegistryError, DatasetSplit
 from .shapes import register_shapes
 
-__all__ = ["DatasetSplit", "DatasetRegistry", "DatasetRegistryError", "register_coco",
+__all__ = ["DatasetSplit", "DatasetRegistry", "DatasetRegistryError", "DatasetError",
+           "register_coco",
            "register_coco_json", "register_balloon", "register_shapes",
            "register_builtin_datasets"]
 

@@ -6,7 +6,8 @@ import os
 
 import numpy as np
 
-from .dataset import DatasetRegistry, DatasetSplit, evaluate_coco, roidbs_to_coco_gt
+from .dataset import (DatasetError, DatasetRegistry, DatasetSplit, evaluate_coco,
+                      roidbs_to_coco_gt)
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +35,16 @@ def load_via_json(json_file, image_dir, class_id=1):
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"VIA annotation file not found: {json_file!r}")
     with open(json_file) as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{json_file!r} is not valid json: {e}") from None
     data = data.get("_via_img_metadata", data)
     dropped = collections.Counter()
     roidbs = []
     for key, entry in data.items():
         if "filename" not in entry:
-            raise ValueError(f"{json_file!r}: entry {key!r} has no 'filename'; "
+            raise DatasetError(f"{json_file!r}: entry {key!r} has no 'filename'; "
                              "is this a VIA 1.x region json?")
         polys = []
         for region in _regions(entry):

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-from .dataset import DatasetRegistry, DatasetSplit, evaluate_coco, make_coco_gt
+from .dataset import DatasetError, DatasetRegistry, DatasetSplit, evaluate_coco, make_coco_gt
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,13 @@ def _load_json(json_file):
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{json_file!r} is not valid json: {e}") from None
+            raise DatasetError(f"{json_file!r} is not valid json: {e}") from None
 
 
 def _sorted_categories(dataset, json_file):
     cats = sorted(dataset.get("categories", []), key=lambda c: c["id"])
     if not cats:
-        raise ValueError(f"{json_file!r} has no 'categories'.")
+        raise DatasetError(f"{json_file!r} has no 'categories'.")
     return cats
 
 

@@ -36,7 +36,7 @@ from pycocotools.cocoeval import COCOeval
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DatasetSplit", "DatasetRegistry", "DatasetRegistryError",
+__all__ = ["DatasetSplit", "DatasetRegistry", "DatasetRegistryError", "DatasetError",
            "roidbs_to_coco_gt", "make_coco_gt", "evaluate_coco", "read_image_size"]
 
 # COCOeval.stats index -> metric suffix; the summary order is fixed by pycocotools.
@@ -79,6 +79,11 @@ class DatasetSplit:
             dict[str, float]: metric name -> value, e.g. ``'mAP(bbox)/IoU=0.5:0.95'``.
         """
         raise NotImplementedError()
+
+
+class DatasetError(ValueError):
+    """Annotations that cannot be used (invalid json, no categories, ...); the message
+    names the file. Entry scripts print it as one line."""
 
 
 class DatasetRegistryError(KeyError, ValueError):

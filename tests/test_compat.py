@@ -73,6 +73,16 @@ def test_horovod_trainer_shim(tmp_path):
     assert without.returncode != 0 and 'global_variables' in without.stderr
 
 
+def test_tensorpack_training_failed_log_line_formats():
+    code = ('from tensorpack.utils import logger\n'
+            'logger.error("Training failed at global_step=", 7)\n')
+    with_shim = _run(code)
+    assert 'Training failed at global_step= 7' in with_shim.stdout + with_shim.stderr
+    assert 'Logging error' not in with_shim.stderr
+    without = _run(code, use_compat=False)
+    assert 'Logging error' in without.stderr
+
+
 def test_no_removed_numpy_or_scipy_names_in_our_code():
     from utils.compat import REMOVED_NUMPY_ALIASES
     pattern = re.compile(r'(?<![\w.])(' + '|'.join(re.escape(a) for a in REMOVED_NUMPY_ALIASES)

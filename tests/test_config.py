@@ -170,6 +170,10 @@ def test_yaml_unknown_key_is_error(fresh_cfg, tmp_path):
         cfg.load_yaml(str(path))
     with pytest.raises(ConfigError, match='does not exist'):
         cfg.load_yaml(str(tmp_path / 'missing.yaml'))
+    broken = tmp_path / 'broken.yaml'
+    broken.write_text('TRAIN: [1, 2\n')
+    with pytest.raises(ConfigError, match='broken.yaml" is not valid YAML'):
+        cfg.load_yaml(str(broken))
 
 
 def test_cli_unknown_key_exits_nonzero_naming_key():

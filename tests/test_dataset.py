@@ -310,3 +310,19 @@ def test_shapes_split_files_cache_and_eval(tmp_path, monkeypatch):
     # Half the detections dropped: AP must fall.
     half = perfect_results(roidbs)[::2]
     assert split.eval_inference_results(half)["mAP(bbox)/IoU=0.5:0.95"] < 0.8
+
+
+def test_invalid_json_is_a_dataset_error(tmp_path):
+    from dataset import DatasetError
+    from dataset.balloon import load_via_json
+    from dataset.coco import COCODetection
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"images": [')
+    with pytest.raises(DatasetError, match='bad.json.*not valid json'):
+        COCODetection(str(bad), str(tmp_path))
+    with pytest.raises(DatasetError, match='bad.json.*not valid json'):
+        load_via_json(str(bad), str(tmp_path))
+    nocat = tmp_path / 'nocat.json'
+    nocat.write_text('{"images": [], "annotations": []}')
+    with pytest.raises(DatasetError, match="has no 'categories'"):
+        COCODetection(str(nocat), str(tmp_path))

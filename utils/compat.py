@@ -43,10 +43,32 @@ def _patch_tf_global_variables(tf):
 REMOVED_NUMPY_ALIASES = ('np.int', 'np.bool', 'np.float', 'np.object', 'np.str', 'interp2d')
 
 
+def _patch_tensorpack_logger_error():
+    """Shim 4 -- tensorpack 0.11's "Training failed" log line.
+
+    `Trainer.main_loop` logs `logger.error("Training failed at global_step=", step)`: an
+    argument without a `%s`, so `logging` prints "--- Logging error ---" and a traceback of
+    its own on top of the real error. We join such arguments instead of %-formatting.
+    Remove when tensorpack/train/base.py's call has a "%s" (or uses .format).
+    """
+    from tensorpack.utils import logger
+    if getattr(logger.error, '_rcnn_patched', False):
+        return
+    original = logger.error
+
+    def error(msg, *args, **kwargs):
+        if args and '%' not in str(msg):
+            msg, args = ' '.join(str(a) for a in (msg,) + args), ()
+        return original(msg, *args, **kwargs)
+    error._rcnn_patched = True
+    logger.error = error
+
+
 def apply():
     """Apply every shim that needs TensorFlow imported; returns the `tensorflow` module."""
     import tensorflow as tf
     _patch_tf_global_variables(tf)
+    _patch_tensorpack_logger_error()
     return tf
 
 

@@ -22,7 +22,7 @@ from tensorpack.utils import logger
 
 from common import ImageReadError
 from config import ConfigError, config as cfg
-from dataset import DatasetRegistryError
+from dataset import DatasetError, DatasetRegistryError
 
 # Set to a path prefix to make every rank write <prefix>.rank<k>.npz after training (tests).
 DUMP_WEIGHTS_ENV = 'RCNN_TEST_DUMP_WEIGHTS'
@@ -42,7 +42,7 @@ class TrainingDiverged(StopTraining):
 
 # What train.py reports as one "Error: ..." line instead of a traceback.
 USER_ERRORS = (UserInputError, TrainingDiverged, ConfigError, DatasetRegistryError,
-               FileNotFoundError, ImageReadError)
+               DatasetError, FileNotFoundError, ImageReadError)
 
 
 class ScaledSchedule:
