@@ -219,7 +219,7 @@ _C.DATA.NUM_WORKERS = 4     # data worker processes; 0 runs the pipeline in the 
 _C.DATA.MAX_GT_INSTANCES = 0  # >0: a random subset of this many instances per image (logged)
 
 # ---------------------------------------------------------------------------- backbone
-_C.BACKBONE.WEIGHTS = ''    # .npz / checkpoint to initialise from ('' = from scratch)
+_C.BACKBONE.WEIGHTS = ''    # .npz / checkpoint to start from when train.py has no --load
 _C.BACKBONE.DEPTH = 50      # ResNet depth: 18 or 34 (basic blocks), 50 or 101 (bottleneck)
 _C.BACKBONE.NORM = 'FreezeBN'  # 'FreezeBN', 'SyncBN', 'GN' or 'None'
 _C.BACKBONE.FREEZE_AT = 2   # 0: train everything; 1: freeze the stem; 2: also freeze res2

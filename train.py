@@ -77,8 +77,9 @@ def train(args):
     resume_ckpt, resume_step = find_resume_checkpoint(args.logdir)
     if resume_ckpt:
         session_init = SaverRestore(resume_ckpt)  # everything, optimizer state too
-    elif args.load:
-        session_init = WeightsLoader(args.load, skip_regex=args.load_skip)
+    elif args.load or cfg.BACKBONE.WEIGHTS:
+        session_init = WeightsLoader(args.load or os.path.expanduser(cfg.BACKBONE.WEIGHTS),
+                                     skip_regex=args.load_skip)
     else:
         session_init = None
 
