@@ -45,6 +45,7 @@ VARIANTS = [  # (overrides, what it covers)
      'fpn-cascade-nonorm'),
     (['MODE_FPN=True', 'MODE_MASK=False', 'FPN.FRCNN_HEAD_FUNC=fastrcnn_4conv1fc_head',
       'BACKBONE.TRAINABLE=3+'], 'fpn-4conv-3plus'),
+    (['MODE_FPN=True', 'MODE_MASK=True', 'BACKBONE.NORM=SyncBN'], 'fpn-mask-syncbn'),
     (['MODE_FPN=False', 'MODE_MASK=True', 'BACKBONE.NORM=GN'], 'c4-mask-gn'),
     (['MODE_FPN=False', 'MODE_MASK=False', 'BACKBONE.NORM=FreezeBN', 'BACKBONE.DEPTH=50'],
      'c4-r50-freezebn'),
