@@ -21,7 +21,7 @@ from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape, flip_
 from config import config as cfg
 from dataset import DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
-from utils.np_box_ops import anchors_at_gt_max, max_iou_over_gt, pairwise_ioa
+from utils.np_box_ops import max_coverage, max_iou_over_gt
 
 # msgpack-numpy between data workers and the trainer. tensorpack reads this variable when
 # it is first imported, so this only helps if nothing imported tensorpack before us
@@ -34,7 +34,7 @@ __all__ = ['image_pad_multiple', 'input_names', 'get_anchor_labels', 'get_rpn_an
            'get_multilevel_rpn_anchor_input', 'TrainingDataPreprocessor',
            'get_train_dataflow', 'get_eval_dataflow']
 
-# Anchor x ground-truth pairs per IoU chunk: ~16 MB per float32 temporary, whatever G.
+# Anchor x ground-truth pairs per IoU block: ~16 MB per float32 temporary, whatever G.
 _IOU_CHUNK_PAIRS = 1 << 22
 # Preprocessed images buffered per worker: dense scenes carry N x M^2 mask bytes each.
 _BUFFER_PER_WORKER = 4
@@ -69,20 +69,6 @@ def input_names(mode_fpn, mode_mask):
     return names
 
 
-def _chunk(num_anchors):
-    return max(1, _IOU_CHUNK_PAIRS // max(num_anchors, 1))
-
-
-def _max_ioa_with_crowd(anchors, crowd_boxes):
-    """float32 [A]: the largest fraction of each anchor covered by one crowd box."""
-    best = np.zeros(len(anchors), dtype=np.float32)
-    step = _chunk(len(anchors))
-    for start in range(0, len(crowd_boxes), step):
-        ioa = pairwise_ioa(crowd_boxes[start:start + step], anchors)  # [c, A]
-        np.maximum(best, ioa.max(axis=0), out=best)
-    return best
-
-
 def get_anchor_labels(anchors, gt_boxes, crowd_boxes, rng=None):
     """RPN targets of the anchors that lie inside the image.
 
@@ -91,7 +77,8 @@ def get_anchor_labels(anchors, gt_boxes, crowd_boxes, rng=None):
     < RPN.NEGATIVE_ANCHOR_THRESH with every gt. Anchors covered by a crowd box by more than
     RPN.CROWD_OVERLAP_THRESH of their area are ignored. Then at most RPN.BATCH_PER_IM
     labels stay, a fraction RPN.FG_RATIO of them foreground; the rest become -1.
-    All anchor x gt work is chunked over gt: memory does not grow with G.
+    Anchor x gt IoUs are computed only for pairs that can overlap, in bounded blocks
+    (`utils.np_box_ops`): time grows with the overlapping pairs and memory stays bounded.
 
     Args:
         anchors: float32 [A, 4]; gt_boxes: float32 [G, 4] (non-crowd);
@@ -110,19 +97,14 @@ def get_anchor_labels(anchors, gt_boxes, crowd_boxes, rng=None):
         return labels, matched
     argmax = None
     if len(gt_boxes):
-        max_iou, argmax, gt_max = max_iou_over_gt(anchors, gt_boxes, _chunk(len(anchors)))
+        max_iou, argmax, _, forced = max_iou_over_gt(
+            anchors, gt_boxes, max_pairs=_IOU_CHUNK_PAIRS, best_anchors=True)
         labels[max_iou >= cfg.RPN.NEGATIVE_ANCHOR_THRESH] = -1
         labels[max_iou >= cfg.RPN.POSITIVE_ANCHOR_THRESH] = 1
-        overlapping = gt_max > 0
-        if overlapping.any():
-            # An anchor tied at gt j's maximum has its own best IoU >= gt_max[j], so only
-            # anchors reaching the smallest such maximum can tie: exact, and few of them.
-            cand = np.flatnonzero(max_iou >= gt_max[overlapping].min())
-            forced = anchors_at_gt_max(anchors[cand], gt_boxes, gt_max, _chunk(len(cand)))
-            labels[cand[forced]] = 1
+        labels[forced] = 1
     if len(crowd_boxes):
         cand = np.flatnonzero(labels >= 0)
-        covered = _max_ioa_with_crowd(anchors[cand], crowd_boxes)
+        covered = max_coverage(anchors[cand], crowd_boxes, max_pairs=_IOU_CHUNK_PAIRS)
         labels[cand[covered > cfg.RPN.CROWD_OVERLAP_THRESH]] = -1
 
     fg = np.flatnonzero(labels == 1)

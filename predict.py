@@ -96,7 +96,9 @@ def output_stems(paths):
 
 
 def build_predictor(weights, extra_outputs=()):
-    """An OfflinePredictor of the configured model; ``weights``: a utils.training.WeightsLoader.
+    """An OfflinePredictor of the configured model; ``weights``: a utils.training.WeightsLoader
+    (None: freshly initialised weights, e.g. for benchmarks). Its session comes from
+    `utils.precision.session_creator` (threads, TRAIN.PRECISION's graph rewrite).
 
     Raises:
         KeyError: an output name (e.g. of ``extra_outputs``) is not in the graph.
@@ -105,10 +107,13 @@ def build_predictor(weights, extra_outputs=()):
 
     from eval import get_inference_output_names
     from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
+    from utils.precision import session_creator
     model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
     return OfflinePredictor(PredictConfig(
         model=model, session_init=weights, input_names=['image'],
-        output_names=get_inference_output_names() + list(extra_outputs)))
+        output_names=get_inference_output_names() + list(extra_outputs),
+        # all cores (tensorpack's default is 1 intra-op thread) and TRAIN.PRECISION's rewrite
+        session_creator=session_creator(cfg.TRAIN.PRECISION)))
 
 
 def detections_json(path, img, results):

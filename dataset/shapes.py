@@ -61,12 +61,12 @@ def _shape_points(rs, cls, cx, cy, r):
     return np.round(pts).astype(np.int32)
 
 
-def _layout(rs, h, w, dense):
+def _layout(rs, h, w, dense, num_dense=None):
     """Shape centres and radii: (cx (N,), cy (N,), r (N,)) float arrays.
 
     Sparse: 2-6 shapes anywhere, log-uniform sizes (small to large COCO areas).
-    Dense: 1000-3000 small shapes, one per cell of a jittered grid, so neighbours
-    touch or overlap a little but most stay visible.
+    Dense: ``num_dense`` (default 1000-3000) small shapes, one per cell of a jittered
+    grid, so neighbours touch or overlap a little but most stay visible.
     """
     if not dense:
         n = rs.randint(2, 7)
@@ -74,7 +74,7 @@ def _layout(rs, h, w, dense):
         cx = rs.uniform(r / 2, w - r / 2)
         cy = rs.uniform(r / 2, h - r / 2)
         return cx, cy, r
-    n = rs.randint(1000, 3001)
+    n = rs.randint(1000, 3001) if num_dense is None else int(num_dense)
     cols = int(np.ceil(np.sqrt(n * w / h)))
     rows = int(np.ceil(n / cols))
     cell = rs.choice(rows * cols, size=n, replace=False)
@@ -111,8 +111,11 @@ def _visible_instance(label, inst_id, box, full_area, min_frac, min_pixels):
     return tight, polys
 
 
-def generate_image(seed, index, min_size=192, max_size=320, dense=False):
+def generate_image(seed, index, min_size=192, max_size=320, dense=False, num_dense=None):
     """Generate one image and its instances; depends only on the arguments.
+
+    ``num_dense`` (dense only) draws exactly that many shapes instead of 1000-3000 (e.g.
+    for benchmarks at a chosen density); a few mostly hidden ones are then dropped.
 
     Returns:
         image: uint8 (H, W, 3) BGR, H and W uniform in [min_size, max_size].
@@ -128,7 +131,7 @@ def generate_image(seed, index, min_size=192, max_size=320, dense=False):
     h, w = (int(v) for v in rs.randint(min_size, max_size + 1, size=2))
     img, base = _background(rs, h, w)
     label = np.zeros((h, w), np.uint16)  # 0 = background, i + 1 = shape i
-    cx, cy, rad = _layout(rs, h, w, dense)
+    cx, cy, rad = _layout(rs, h, w, dense, num_dense)
     classes = rs.randint(1, len(CLASS_NAMES) + 1, size=len(rad))
     shapes = []
     for i, (x, y, r, cls) in enumerate(zip(cx, cy, rad, classes)):

@@ -21,6 +21,7 @@ from tensorpack.tfutils.tower import get_current_tower_context
 from config import config as cfg
 from data import image_pad_multiple, input_names
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
+from utils.precision import wrap_optimizer
 
 from . import model_frcnn, model_mrcnn
 from .backbone import num_blocks_for_depth, resnet_c4_backbone, resnet_conv5, resnet_fpn_backbone
@@ -68,7 +69,9 @@ class GeneralizedRCNN(ModelDesc):
         opt = tf.train.MomentumOptimizer(lr / accum, cfg.TRAIN.MOMENTUM)
         if accum > 1:
             opt = optimizer.AccumGradOptimizer(opt, accum)
-        return opt
+        # fp16: dynamic loss scaling outermost, so a skipped (overflowed) step is skipped
+        # before accumulation; fp32/bf16: unchanged (bf16 is a session graph rewrite).
+        return wrap_optimizer(opt, cfg.TRAIN.PRECISION)
 
     def preprocess(self, image):
         """float32 [H, W, C] raw pixels -> normalised [1, Hp, Wp, C] or [1, C, Hp, Wp].
