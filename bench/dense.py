@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Peak memory and step time of training on one dense synthetic scene, per instance count.
+
+    python bench/dense.py                                # 100, 1000, 3000, 5000 instances
+    python bench/dense.py --instances 3000 --config BACKBONE.DEPTH=50 PREPROC.MAX_SIZE=1333
+
+One *step* is what a training iteration costs: the data preprocessing of the image
+(`data.TrainingDataPreprocessor`: read, resize, RPN anchor labels, box-frame masks) plus
+one optimizer step of the graph. The scene is `dataset.shapes.generate_image(dense=True)`
+with exactly N shapes on an H x W image (a few mostly hidden ones are dropped). Every N
+runs in a fresh process, so its peak resident memory (``ru_maxrss``) is its own.
+
+Prints one JSON line per N:
+    instances       N asked for;  gt_boxes: instances left after preprocessing
+    image_hw        the resized image fed to the graph
+    peak_rss_mb     peak resident memory of the whole process (TF runtime, graph, data)
+    rss_built_mb    peak resident memory after building the graph, before the first step
+    step_s          median over --steps steps (after --warmup) of preprocess_s + graph_s
+                    (wall clock); step_cpu_s: the same steps' CPU time, all threads
+                    (steadier than wall time on a shared machine)
+    losses          the last step's losses; finite: every loss finite in every step
+    load_avg        1-minute load average when the measurement ended (shared machines)
+Default config: ResNet-18 FPN Mask R-CNN, images of short edge and MAX_SIZE 1024, RPN and
+Fast R-CNN defaults; ``--config KEY=VALUE ...`` applies on top.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DEFAULT_CONFIG = [
+    'MODE_FPN=True', 'MODE_MASK=True', 'BACKBONE.DEPTH=18',
+    'DATA.TRAIN=shapes_dense_train', 'DATA.VAL=shapes_dense_val', 'DATA.NUM_WORKERS=0',
+    'PREPROC.TRAIN_SHORT_EDGE_SIZE=[1024,1024]', 'PREPROC.TEST_SHORT_EDGE_SIZE=1024',
+    'PREPROC.MAX_SIZE=1024',
+]
+
+
+def run_isolated(job, timeout=3600):
+    """Run `measure(**job)` in a fresh Python process and return its result dict.
+
+    Raises:
+        RuntimeError: with the end of the child's output if it failed.
+    """
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), '--job', json.dumps(job)], cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError('benchmark job {} failed (exit {}):\n{}'.format(
+            job, proc.returncode, (proc.stdout + proc.stderr)[-4000:]))
+    return json.loads(lines[-1])
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.  # KB on Linux
+
+
+def _write_scene(folder, instances, image_hw, seed):
+    """A dense shapes image of H x W with about ``instances`` shapes, written as PNG.
+
+    `generate_image` makes square images: a square of side max(H, W) with the same density
+    is cropped to H x W, keeping the shapes that lie entirely inside.
+
+    Returns:
+        its roidb (dataset/dataset.py format).
+    """
+    import cv2
+
+    from dataset.shapes import generate_image
+    h, w = image_hw
+    side = max(h, w)
+    img, roidb = generate_image(seed, 0, side, side, dense=True,
+                                num_dense=int(round(instances * side * side / (h * w))))
+    boxes = roidb['boxes']
+    keep = np.flatnonzero((boxes[:, 2] <= w) & (boxes[:, 3] <= h))
+    path = os.path.join(folder, 'dense.png')
+    cv2.imwrite(path, img[:h, :w])
+    return {'file_name': path, 'image_id': 0, 'height': h, 'width': w,
+            'boxes': boxes[keep], 'class': roidb['class'][keep],
+            'is_crowd': roidb['is_crowd'][keep],
+            'segmentation': [roidb['segmentation'][i] for i in keep]}
+
+
+def build_training_step():
+    """Training graph on placeholders -> (placeholders, total cost, {loss name: tensor},
+    train op), optimizer as in training (momentum, gradient accumulation)."""
+    import tensorflow.compat.v1 as tf
+    from tensorpack.tfutils.tower import TowerContext
+
+    from config import config as cfg
+    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
+    model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
+    placeholders = [tf.placeholder(s.dtype, s.shape, s.name) for s in model.inputs()]
+    with TowerContext('', is_training=True):
+        cost = model.build_graph(*placeholders)
+    global_step = tf.train.get_or_create_global_step()
+    opt = model.optimizer()
+    train_op = opt.apply_gradients(opt.compute_gradients(cost), global_step=global_step)
+    losses = {t.op.name: t for op in tf.get_default_graph().get_operations() for t in op.outputs
+              if t.op.name.endswith(('loss', 'wd_cost', 'total_cost'))
+              and t.dtype == tf.float32 and t.shape.ndims == 0}
+    return placeholders, cost, losses, train_op
+
+
+def measure(config, instances, image_hw, steps, warmup, seed=0):
+    """In this process: build the graph, train ``warmup + steps`` steps on one scene.
+
+    Args:
+        config (list of str): KEY=VALUE overrides on top of DEFAULT_CONFIG.
+        instances (int): shapes in the scene; image_hw: (H, W) of the generated image.
+    Returns:
+        dict: the JSON record of the module docstring.
+    """
+    sys.path.insert(0, ROOT)
+    import utils.compat  # noqa: F401  (before TensorFlow)
+
+    import tensorflow.compat.v1 as tf
+
+    from config import config as cfg, finalize_configs
+    from data import TrainingDataPreprocessor
+    from dataset import register_shapes
+    from modeling.generalized_rcnn import model_input_names
+
+    register_shapes()
+    cfg.update_args(DEFAULT_CONFIG + list(config))
+    finalize_configs(is_training=True, num_gpus=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        roidb = _write_scene(tmp, instances, image_hw, seed)
+        preprocess = TrainingDataPreprocessor(seed=seed)
+        names = model_input_names(True)
+        rows, finite = [], True
+        with tf.Graph().as_default(), tf.Session() as sess:
+            tf.set_random_seed(seed)
+            placeholders, _, losses, train_op = build_training_step()
+            sess.run(tf.global_variables_initializer())
+            built = _peak_rss_mb()
+            for _ in range(warmup + steps):
+                start, cpu = time.perf_counter(), time.process_time()
+                dp = preprocess(roidb)
+                mid = time.perf_counter()
+                feed = {p: dp[n] for p, n in zip(placeholders, names)}
+                values = sess.run([train_op, losses], feed)[1]
+                rows.append((mid - start, time.perf_counter() - mid, time.process_time() - cpu))
+                finite &= all(np.isfinite(v) for v in values.values())
+    timed = rows[warmup:] or rows
+    return {'instances': instances, 'gt_boxes': int(len(dp['gt_boxes'])),
+            'image_hw': list(dp['image'].shape[:2]), 'peak_rss_mb': round(_peak_rss_mb(), 1),
+            'rss_built_mb': round(built, 1),
+            'step_s': round(statistics.median(a + b for a, b, _ in timed), 3),
+            'preprocess_s': round(statistics.median(a for a, _, _ in timed), 3),
+            'graph_s': round(statistics.median(b for _, b, _ in timed), 3),
+            'step_cpu_s': round(statistics.median(c for _, _, c in timed), 3),
+            'losses': {k: round(float(v), 4) for k, v in sorted(values.items())},
+            'finite': bool(finite), 'load_avg': round(os.getloadavg()[0], 2),
+            'config': list(config)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--instances', type=int, nargs='+', default=[100, 1000, 3000, 5000])
+    p.add_argument('--image-size', type=int, nargs=2, default=[1024, 1024], metavar=('H', 'W'))
+    p.add_argument('--steps', type=int, default=3, help='timed steps (median reported)')
+    p.add_argument('--warmup', type=int, default=1, help='untimed steps first')
+    p.add_argument('--config', nargs='+', default=[], metavar='KEY=VALUE')
+    p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
+    args = p.parse_args(argv)
+    if args.job:
+        print(json.dumps(measure(**json.loads(args.job))), flush=True)
+        return
+    for n in args.instances:
+        job = {'config': args.config, 'instances': n, 'image_hw': args.image_size,
+               'steps': args.steps, 'warmup': args.warmup}
+        print(json.dumps(run_isolated(job)), flush=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Seconds per training step and peak memory, one image per step.
+
+    python bench/train_step.py                             # R50-FPN Mask R-CNN, 800 x 1333
+    python bench/train_step.py --profile demo r50-fpn --repeat 3
+    python bench/train_step.py --onednn 1 --config TRAIN.PRECISION=bf16
+    python bench/train_step.py --intra 1 --inter 0         # tensorpack's default threads
+
+The datapoint: a synthetic shapes scene of PREPROC.TRAIN_SHORT_EDGE_SIZE[1] x
+PREPROC.MAX_SIZE (800 x 1333 for R50), run once through `data.TrainingDataPreprocessor`
+(resize, flip, RPN anchor labels, box-frame masks; its time is reported apart). The graph
+is the one train.py trains: tensorpack's `SimpleTrainer` builds the model's cost and its
+optimizer (momentum, gradient accumulation, fp16 loss scaling by TRAIN.PRECISION) on
+placeholders; the session comes from `utils.precision.session_config` (TRAIN.PRECISION,
+--intra/--inter threads). Random initial weights: no pretrained weights here. Each timed
+step is one ``sess.run(train_op)`` on that datapoint; the first --warmup steps are untimed.
+
+One JSON line per measurement (each in a fresh process):
+    image_hw, gt_boxes      the preprocessed image fed and its instances
+    preprocess_s            the one preprocessing call
+    step_s, step_spread_s   median and [min, max] seconds per step over --steps
+    cpu_s                   median CPU seconds (all threads) per step: on a loaded machine
+                            it shows the work done where wall time shows the wait
+    steps, finite           timed steps; whether every loss was finite
+    build_s                 seconds to build the graph and create the session
+    rss_built_mb            peak resident memory before the first step
+plus the config, precision, data format, threads, oneDNN state, load average and peak RSS
+(``peak_rss_mb``, the whole process).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench import harness  # noqa: E402
+
+
+def build_training_step(model):
+    """The training graph of ``model`` as tensorpack's SimpleTrainer builds it.
+
+    Returns:
+        (placeholders in ``model.get_input_signature()`` order, train op, total cost).
+    """
+    import tensorflow.compat.v1 as tf
+    from tensorpack.input_source import PlaceholderInput
+    from tensorpack.train import SimpleTrainer
+    source = PlaceholderInput()
+    trainer = SimpleTrainer()
+    trainer.setup_graph(model.get_input_signature(), source, model.build_graph,
+                        model.get_optimizer)
+    cost = tf.get_default_graph().get_tensor_by_name('total_cost:0')
+    return source.get_input_tensors(), trainer.train_op, cost
+
+
+def measure(profile, config_file, config, intra, inter, onednn, steps, warmup):
+    """In this process: preprocess one scene, build the graph, time ``steps`` steps.
+
+    ``onednn`` was applied by `harness.run_isolated` (TF_ENABLE_ONEDNN_OPTS); the record
+    states what TensorFlow actually did.
+
+    Returns:
+        dict: the JSON record of the module docstring.
+    """
+    import utils.compat  # noqa: F401  (before TensorFlow)
+
+    import numpy as np
+    import tensorflow.compat.v1 as tf
+
+    from config import config as cfg
+    from data import TrainingDataPreprocessor
+    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel, model_input_names
+    from utils.precision import session_config
+    job = dict(profile=profile, config_file=config_file, config=config, intra=intra,
+               inter=inter)
+    harness.setup_config(profile, config_file, config, is_training=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        roidb = harness.write_synthetic_scene(
+            tmp, cfg.PREPROC.TRAIN_SHORT_EDGE_SIZE[1], cfg.PREPROC.MAX_SIZE)
+        start = time.perf_counter()
+        datapoint = TrainingDataPreprocessor(seed=0)(roidb)
+        preprocess_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with tf.Graph().as_default():
+        tf.set_random_seed(0)
+        placeholders, train_op, cost = build_training_step(
+            ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model())
+        feed = dict(zip(placeholders, (datapoint[n] for n in model_input_names(True))))
+        with tf.Session(config=session_config(cfg.TRAIN.PRECISION, intra, inter)) as sess:
+            sess.run(tf.global_variables_initializer())
+            build_s = time.perf_counter() - start
+            rss_built = harness.peak_rss_mb()
+            times, cpu_times, finite = [], [], True
+            for _ in range(warmup + steps):
+                start, cpu = time.perf_counter(), time.process_time()
+                loss = sess.run([train_op, cost], feed)[1]
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu)
+                finite &= bool(np.isfinite(loss))
+    timed = times[warmup:]
+    return harness.record(
+        job, cfg, image_hw=list(datapoint['image'].shape[:2]),
+        gt_boxes=int(len(datapoint['gt_boxes'])), preprocess_s=round(preprocess_s, 3),
+        step_s=round(statistics.median(timed), 3),
+        step_spread_s=[round(min(timed), 3), round(max(timed), 3)],
+        cpu_s=round(statistics.median(cpu_times[warmup:]), 3), steps=steps,
+        finite=finite, build_s=round(build_s, 1), rss_built_mb=round(rss_built, 1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness.add_config_arguments(p)
+    p.add_argument('--steps', type=int, default=3, help='timed steps (median reported)')
+    p.add_argument('--warmup', type=int, default=1, help='untimed steps first')
+    p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
+    args = p.parse_args(argv)
+    if args.job:
+        import json
+        print(json.dumps(measure(**json.loads(args.job))), flush=True)
+        return
+    harness.main_loop(__file__, args, steps=args.steps, warmup=args.warmup)
+
+
+if __name__ == '__main__':
+    main()
