@@ -123,7 +123,7 @@ def test_finalize_derives_classes_and_format(fresh_cfg, toy_dataset):
     (['BACKBONE.NORM=BN'], 'BACKBONE.NORM must be one of'),
     (['TRAINER=ddp'], 'TRAINER must be'),
     (['DATA.TRAIN=not_registered_anywhere'], 'DATA.TRAIN names dataset "not_registered_any'),
-    (['DATA.VAL=cfgtest_trian'], 'Did you mean: cfgtest_train?'),
+    (['DATA.VAL=cfgtest_trian'], 'Did you mean: cfgtest_train'),
 ])
 def test_finalize_validation_errors(fresh_cfg, toy_dataset, args, message):
     cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train'] + args)
