@@ -135,7 +135,8 @@ def test_predict_evaluate_benchmark_visualize(predict_run):
 PLAIN_TF = textwrap.dedent("""
     import os, sys
     import numpy as np
-    assert not any(p and os.path.abspath(p).startswith(ROOT) for p in sys.path), sys.path
+    # The project's own tree must not be importable (its virtualenv may live inside it).
+    assert os.path.abspath(ROOT) not in [os.path.abspath(p or '.') for p in sys.path], sys.path
     import tensorflow as tf
     img = np.load(os.path.join(TMP, 'image.npy'))
     model = tf.saved_model.load(os.path.join(TMP, 'savedmodel'))
@@ -149,6 +150,10 @@ PLAIN_TF = textwrap.dedent("""
         with tf.compat.v1.Session(graph=g) as sess:
             names = ['boxes', 'scores', 'labels', 'masks']
             frozen = sess.run(['output/{}:0'.format(n) for n in names], {'image:0': img})
+    own = [m.__name__ for m in list(sys.modules.values())
+           if os.path.abspath(getattr(m, '__file__', None) or '/').startswith(ROOT + os.sep)
+           and 'site-packages' not in m.__file__]
+    assert not own, own
     np.savez(os.path.join(TMP, 'plain.npz'), **{'saved_' + k: v for k, v in saved.items()},
              **{'frozen_' + n: v for n, v in zip(names, frozen)})
 """)
