@@ -448,7 +448,12 @@ def finalize_configs(is_training, num_gpus=None):
         _C.__dict__['_auto_values'] = {'BACKBONE.DATA_FORMAT': ''}
         _C.BACKBONE.DATA_FORMAT = default_data_format(num_gpus)
     if _C.TRAIN.PRECISION == 'fp16' and num_gpus == 0:
-        _fail('TRAIN.PRECISION=fp16 needs a GPU; on CPU use bf16.')
+        if is_training:
+            _fail('TRAIN.PRECISION=fp16 needs a GPU; on CPU use bf16.')
+        # The weights are float32 whatever the training precision: predict in float32.
+        from tensorpack.utils import logger
+        logger.warn('TRAIN.PRECISION=fp16 needs a GPU: predicting in fp32 on this CPU.')
+        _C.TRAIN.PRECISION = 'fp32'
     _C.freeze()
 
 

@@ -19,7 +19,7 @@ from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape, flip_
                     flip_image, flip_polygons, polygons_to_box_frame_mask, read_image,
                     resize_shortest_edge, scale_boxes, scale_polygons, shift_polygons)
 from config import config as cfg
-from dataset import DatasetRegistry
+from dataset import DatasetError, DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
 from utils.np_box_ops import max_coverage, max_iou_over_gt
 
@@ -392,8 +392,10 @@ def get_train_dataflow(shard=None):
         roidbs = [roidbs[i] for i in order[rank::size]]
         logger.info('Rank %d of %d trains on %d images.', rank, size, len(roidbs))
     if not roidbs:
-        raise ValueError('No training images left in DATA.TRAIN={} (shard {}).'.format(
-            list(cfg.DATA.TRAIN), shard))
+        # A user error (train.py prints it in one line): every image was filtered or skipped.
+        raise DatasetError('No training images left in DATA.TRAIN={} (shard {}): every image '
+                           'was filtered (see the counts above).'.format(list(cfg.DATA.TRAIN),
+                                                                        shard))
 
     rank = shard[0] if shard is not None else 0
     preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank)

@@ -155,7 +155,9 @@ def run_predict(args, predictor):
         if args.json:
             with open(os.path.join(args.output, stem + '.json'), 'w') as f:
                 json.dump(detections_json(path, img, results), f)
-        print('{}: {} detections -> {}'.format(path, len(results), out))
+        drawn = sum(r.score >= cfg.TEST.RESULT_SCORE_THRESH_VIS for r in results)
+        print('{}: {} detections, {} drawn (score >= {}) -> {}'.format(
+            path, len(results), drawn, cfg.TEST.RESULT_SCORE_THRESH_VIS, out))
         done += 1
     if failures:
         print('{} of {} inputs failed:'.format(len(failures), len(failures) + done))

@@ -62,13 +62,14 @@ def train(args):
     from utils.training import (DUMP_WEIGHTS_ENV, DumpWeights, HostMemoryTracker, LRSetter,
                                 NonFiniteGuard, ScaledSchedule, WeightsLoader, add_log_file,
                                 find_resume_checkpoint, write_config)
+    from utils.precision import session_creator
 
     if cfg.TRAINER == 'horovod':
         import horovod.tensorflow as hvd
         hvd.init()
-        rank, num_devices = hvd.rank(), hvd.size()
+        rank, num_devices, local_ranks = hvd.rank(), hvd.size(), hvd.local_size()
     else:
-        rank, num_devices = 0, max(cfg.TRAIN.NUM_GPUS, 1)
+        rank, num_devices, local_ranks = 0, max(cfg.TRAIN.NUM_GPUS, 1), 1
     is_chief = rank == 0
     tf.compat.v1.set_random_seed(cfg.TRAIN.SEED + rank)
     schedule = ScaledSchedule(num_devices)
@@ -125,7 +126,9 @@ def train(args):
     traincfg = TrainConfig(
         model=model, data=None, dataflow=dataflow, callbacks=callbacks,
         steps_per_epoch=cfg.TRAIN.STEPS_PER_EPOCH, starting_epoch=starting_epoch,
-        max_epoch=schedule.max_epoch, session_init=session_init)
+        max_epoch=schedule.max_epoch, session_init=session_init,
+        # threads shared fairly by the ranks on this machine; TRAIN.PRECISION's graph rewrite
+        session_creator=session_creator(cfg.TRAIN.PRECISION, processes_per_machine=local_ranks))
     if cfg.TRAINER == 'horovod':
         trainer = HorovodTrainer(average=True)
     elif num_devices > 1:

@@ -133,6 +133,17 @@ def test_finalize_validation_errors(fresh_cfg, toy_dataset, args, message):
     assert not cfg.is_frozen()
 
 
+def test_fp16_trains_only_on_gpu_and_predicts_fp32_on_cpu(fresh_cfg, toy_dataset):
+    cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train', 'TRAIN.PRECISION=fp16'])
+    with pytest.raises(ConfigError, match='fp16 needs a GPU'):
+        finalize_configs(is_training=True, num_gpus=0)
+    finalize_configs(is_training=True, num_gpus=1)
+    assert cfg.TRAIN.PRECISION == 'fp16'
+    cfg.freeze(False)
+    finalize_configs(is_training=False, num_gpus=0)  # an fp16-trained model on a CPU
+    assert cfg.TRAIN.PRECISION == 'fp32'
+
+
 def test_grayscale_and_rgbd_validate(fresh_cfg, toy_dataset):
     cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train', 'PREPROC.IMAGE_CHANNELS=4',
                      'PREPROC.PIXEL_MEAN=[1.,2.,3.,4.]', 'PREPROC.PIXEL_STD=[1,1,1,1]'])

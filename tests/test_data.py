@@ -375,6 +375,11 @@ def test_train_dataflow_skips_bad_images_and_filters_empty(tiny_cfg, tmp_path, c
     assert 'Filtered 1 images with no annotations out of 5' in caplog.text
     assert 'missing.png' in caplog.text and 'corrupt.png' in caplog.text
 
+    from dataset import DatasetError
+    cfg.DATA.TRAIN = (_register('test_data_all_empty', [empty, empty]),)
+    with pytest.raises(DatasetError, match='No training images left'):
+        data.get_train_dataflow()
+
 
 def test_train_dataflow_shards_are_disjoint(tiny_cfg, tmp_path):
     # Fixed short edge 100, distinct widths: an image's width identifies it.
