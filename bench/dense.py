@@ -26,9 +26,7 @@ Fast R-CNN defaults; ``--config KEY=VALUE ...`` applies on top.
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench import harness  # noqa: E402
 
 DEFAULT_CONFIG = [
     'MODE_FPN=True', 'MODE_MASK=True', 'BACKBONE.DEPTH=18',
@@ -46,23 +46,8 @@ DEFAULT_CONFIG = [
 
 
 def run_isolated(job, timeout=3600):
-    """Run `measure(**job)` in a fresh Python process and return its result dict.
-
-    Raises:
-        RuntimeError: with the end of the child's output if it failed.
-    """
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), '--job', json.dumps(job)], cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError('benchmark job {} failed (exit {}):\n{}'.format(
-            job, proc.returncode, (proc.stdout + proc.stderr)[-4000:]))
-    return json.loads(lines[-1])
-
-
-def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.  # KB on Linux
+    """`measure(**job)` in a fresh process (`harness.run_isolated`): its own peak RSS."""
+    return harness.run_isolated(__file__, job, timeout)
 
 
 def _write_scene(folder, instances, image_hw, seed):
@@ -121,7 +106,6 @@ def measure(config, instances, image_hw, steps, warmup, seed=0):
     Returns:
         dict: the JSON record of the module docstring.
     """
-    sys.path.insert(0, ROOT)
     import utils.compat  # noqa: F401  (before TensorFlow)
 
     import tensorflow.compat.v1 as tf
@@ -130,6 +114,7 @@ def measure(config, instances, image_hw, steps, warmup, seed=0):
     from data import TrainingDataPreprocessor
     from dataset import register_shapes
     from modeling.generalized_rcnn import model_input_names
+    from utils.precision import session_config
 
     register_shapes()
     cfg.update_args(DEFAULT_CONFIG + list(config))
@@ -139,11 +124,13 @@ def measure(config, instances, image_hw, steps, warmup, seed=0):
         preprocess = TrainingDataPreprocessor(seed=seed)
         names = model_input_names(True)
         rows, finite = [], True
-        with tf.Graph().as_default(), tf.Session() as sess:
+        # train.py's session: its thread counts and TRAIN.PRECISION's rewrite
+        sess_config = session_config(cfg.TRAIN.PRECISION)
+        with tf.Graph().as_default(), tf.Session(config=sess_config) as sess:
             tf.set_random_seed(seed)
             placeholders, _, losses, train_op = build_training_step()
             sess.run(tf.global_variables_initializer())
-            built = _peak_rss_mb()
+            built = harness.peak_rss_mb()
             for _ in range(warmup + steps):
                 start, cpu = time.perf_counter(), time.process_time()
                 dp = preprocess(roidb)
@@ -154,7 +141,7 @@ def measure(config, instances, image_hw, steps, warmup, seed=0):
                 finite &= all(np.isfinite(v) for v in values.values())
     timed = rows[warmup:] or rows
     return {'instances': instances, 'gt_boxes': int(len(dp['gt_boxes'])),
-            'image_hw': list(dp['image'].shape[:2]), 'peak_rss_mb': round(_peak_rss_mb(), 1),
+            'image_hw': list(dp['image'].shape[:2]), 'peak_rss_mb': round(harness.peak_rss_mb(), 1),
             'rss_built_mb': round(built, 1),
             'step_s': round(statistics.median(a + b for a, b, _ in timed), 3),
             'preprocess_s': round(statistics.median(a for a, _, _ in timed), 3),
@@ -176,8 +163,7 @@ def main(argv=None):
     p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = p.parse_args(argv)
     if args.job:
-        print(json.dumps(measure(**json.loads(args.job))), flush=True)
-        return
+        return harness.run_job(measure, args.job)
     for n in args.instances:
         job = {'config': args.config, 'instances': n, 'image_hw': args.image_size,
                'steps': args.steps, 'warmup': args.warmup}

@@ -79,6 +79,11 @@ def run_isolated(script, job, timeout=3600):
     return json.loads(lines[-1])
 
 
+def run_job(measure, job_json):
+    """The child side of `run_isolated`: ``measure(**job)``, printed as one JSON line."""
+    print(json.dumps(measure(**json.loads(job_json))), flush=True)
+
+
 def main_loop(script, args, **extra):
     """Run every job of `jobs_from_args` in its own process; print one JSON line each."""
     for job in jobs_from_args(args, **extra):

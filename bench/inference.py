@@ -215,9 +215,7 @@ def main(argv=None):
     p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = p.parse_args(argv)
     if args.job:
-        import json
-        print(json.dumps(measure(**json.loads(args.job))), flush=True)
-        return
+        return harness.run_job(measure, args.job)
     harness.main_loop(__file__, args, images=args.images, warmup=args.warmup, flops=args.flops)
 
 

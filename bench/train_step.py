@@ -119,9 +119,7 @@ def main(argv=None):
     p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = p.parse_args(argv)
     if args.job:
-        import json
-        print(json.dumps(measure(**json.loads(args.job))), flush=True)
-        return
+        return harness.run_job(measure, args.job)
     harness.main_loop(__file__, args, steps=args.steps, warmup=args.warmup)
 
 
