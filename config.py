@@ -212,6 +212,10 @@ _C.DATA.BASEDIR = '/path/to/your/DATA/DIR'
 # Registered dataset names (see dataset/); several are concatenated for training.
 _C.DATA.TRAIN = ('coco_train2017',)
 _C.DATA.VAL = ('coco_val2017',)
+# Your own COCO-format data without code: [name, json file, image folder] per split, e.g.
+# [['mine_train', '~/mine/train.json', '~/mine/images'], ['mine_val', ...]]; then name them
+# in DATA.TRAIN / DATA.VAL. Saved in the run's config.yaml, so predict.py finds them too.
+_C.DATA.COCO_JSON_SPLITS = []
 _C.DATA.NUM_CATEGORY = -1   # derived from the first training set's "class_names" metadata
 _C.DATA.CLASS_NAMES = []    # derived likewise; background is prepended as index 0
 _C.DATA.FILTER_EMPTY_ANNOTATIONS = True

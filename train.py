@@ -36,7 +36,7 @@ def setup_config(args, is_training):
     if args.config_file:
         cfg.load_yaml(args.config_file)
     cfg.update_args(args.config)
-    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR))
+    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS)
     finalize_configs(is_training=is_training)
 
 

@@ -440,7 +440,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
-    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR))
+    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS)
     names = args.names or list(dict.fromkeys(list(cfg.DATA.TRAIN) + list(cfg.DATA.VAL)))
     return check_and_report(names, args.output_dir, decode=args.decode)
 

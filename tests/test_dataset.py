@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_util
+import yaml
 
 from dataset import (DatasetRegistry, DatasetRegistryError, register_balloon, register_coco,
                      register_coco_json, register_shapes)
@@ -326,3 +327,26 @@ def test_invalid_json_is_a_dataset_error(tmp_path):
     nocat.write_text('{"images": [], "annotations": []}')
     with pytest.raises(DatasetError, match="has no 'categories'"):
         COCODetection(str(nocat), str(tmp_path))
+
+
+def test_coco_json_splits_from_the_config(tmp_path):
+    """DATA.COCO_JSON_SPLITS registers COCO-format data without code, and survives the run's
+    config.yaml (which predict.py reads)."""
+    from dataset import register_builtin_datasets
+    from tiny import configured
+    json_file = _write_coco_json(tmp_path)
+    splits = [["zz_cfg_train", json_file, str(tmp_path)]]
+    register_builtin_datasets(str(tmp_path), splits)
+    overrides = ["DATA.TRAIN=zz_cfg_train", "DATA.VAL=zz_cfg_train",
+                 "DATA.COCO_JSON_SPLITS={!r}".format(splits)]
+    with configured(overrides) as cfg:
+        assert cfg.DATA.CLASS_NAMES == ["BG", "cat0", "cat5", "cat17"]
+        cfg.save_yaml(str(tmp_path / "config.yaml"))
+    with open(tmp_path / "config.yaml") as f:
+        assert yaml.safe_load(f)["DATA"]["COCO_JSON_SPLITS"] == splits
+    assert len(DatasetRegistry.get("zz_cfg_train").training_roidbs()) == 3
+
+    with pytest.raises(DatasetRegistryError, match=r"\[name, json file, image folder\]"):
+        register_builtin_datasets(str(tmp_path), [["zz_only_a_name"]])
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        register_builtin_datasets(str(tmp_path), [["zz_nope", str(tmp_path / "nope.json"), "x"]])
