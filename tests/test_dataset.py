@@ -220,6 +220,14 @@ def test_balloon_eval_perfect(balloon_splits):
     assert metrics["mAP(segm)/IoU=0.5:0.95"] == pytest.approx(1.0)
 
 
+def test_balloon_config_file_finalizes(balloon_splits):
+    from tiny import configured, yaml_overrides
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "balloon.yaml")
+    with configured(yaml_overrides(path), tiny=False) as cfg:
+        assert cfg.DATA.CLASS_NAMES == ["BG", "balloon"]
+        assert cfg.BACKBONE.WEIGHTS == "" and cfg.TRAIN.LR_SCHEDULE[-1] == 1200
+
+
 def test_balloon_missing_folder(tmp_path):
     register_balloon(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere"):

@@ -11,9 +11,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from tiny import configured
+from tiny import configured, yaml_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, 'configs', 'shapes_demo.yaml')
@@ -34,25 +33,9 @@ SHORT_MASK_AP_FLOOR = 0.12
 SHORT_BOX_AP_FLOOR = 0.10
 
 
-def demo_overrides():
-    """configs/shapes_demo.yaml as KEY=VALUE overrides (tests/tiny.configured takes those)."""
-    with open(DEMO_CONFIG) as f:
-        tree = yaml.safe_load(f)
-    out = []
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, prefix + key + '.')
-            else:
-                out.append('{}{}={!r}'.format(prefix, key, value))
-    walk(tree, '')
-    return out
-
-
 def test_demo_schedule_fits_budget_and_evaluates_at_the_end():
     from utils.training import ScaledSchedule
-    with configured(demo_overrides(), tiny=False) as cfg:
+    with configured(yaml_overrides(DEMO_CONFIG), tiny=False) as cfg:
         schedule = ScaledSchedule(1)  # CPU: one device, one image per step
         assert schedule.total_batch == 1
         assert cfg.BACKBONE.WEIGHTS == ''  # nothing pretrained exists to download

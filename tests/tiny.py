@@ -1,6 +1,8 @@
 """A tiny model configuration for fast CPU tests, and a context manager to apply it."""
 import contextlib
 
+import yaml
+
 from config import config as cfg, finalize_configs
 from dataset import register_shapes
 
@@ -44,3 +46,19 @@ def configured(overrides=(), is_training=True, tiny=True):
         yield cfg
     finally:
         _restore(saved)
+
+
+def yaml_overrides(path):
+    """A config YAML file as KEY=VALUE overrides (what `configured` takes)."""
+    with open(path) as f:
+        tree = yaml.safe_load(f)
+    out = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, prefix + key + '.')
+            else:
+                out.append('{}{}={!r}'.format(prefix, key, value))
+    walk(tree, '')
+    return out
