@@ -150,6 +150,38 @@ def flip_polygons(segms, width):
     return flipped
 
 
+def random_crop(img, boxes, is_crowd, segms, crop, rng):
+    """A random crop x crop window of img [H, W, C] (smaller sides kept whole); boxes
+    [N, 4] and polygons shifted into it. ``rng``: a numpy Generator.
+
+    The window contains one non-crowd instance chosen at random (whole if it fits, else
+    its centre), so a crop is never empty; instances it cuts are clipped by the caller.
+    """
+    h, w = img.shape[:2]
+    ch, cw = min(crop, h), min(crop, w)
+    candidates = np.flatnonzero(~np.asarray(is_crowd, bool))
+    if len(candidates):
+        x1, y1, x2, y2 = boxes[rng.choice(candidates)]
+        y0 = _window_start(y1, y2, ch, h, rng)
+        x0 = _window_start(x1, x2, cw, w, rng)
+    else:
+        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    boxes = boxes - np.float32([x0, y0, x0, y0])
+    if segms is not None:
+        segms = shift_polygons(segms, -x0, -y0)
+    return img[y0:y0 + ch, x0:x0 + cw], boxes, segms
+
+
+def _window_start(lo, hi, size, full, rng):
+    """A random start of a ``size`` window within [0, full] containing [lo, hi] (its
+    centre when [lo, hi] is longer than the window)."""
+    if hi - lo > size:
+        lo = hi = (lo + hi) / 2
+    first = int(np.clip(np.ceil(hi - size), 0, full - size))
+    last = int(np.clip(np.floor(lo), first, full - size))
+    return int(rng.integers(first, last + 1))
+
+
 def clip_boxes(boxes, shape):
     """Clip float32 [N, 4] boxes to an image of ``shape`` (H, W, ...); new array."""
     h, w = shape[:2]

@@ -16,8 +16,8 @@ import os
 import numpy as np
 
 from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape, flip_boxes,
-                    flip_image, flip_polygons, polygons_to_box_frame_mask, read_image,
-                    resize_shortest_edge, scale_boxes, scale_polygons, shift_polygons)
+                    flip_image, flip_polygons, polygons_to_box_frame_mask, random_crop,
+                    read_image, resize_shortest_edge, scale_boxes, scale_polygons)
 from config import config as cfg
 from dataset import DatasetError, DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
@@ -296,7 +296,7 @@ class TrainingDataPreprocessor:
             if segms is not None:
                 segms = flip_polygons(segms, width)
         if pre.CROP_SIZE > 0:
-            img, boxes, segms = _random_crop(img, boxes, segms, pre.CROP_SIZE, rng)
+            img, boxes, segms = random_crop(img, boxes, is_crowd, segms, pre.CROP_SIZE, rng)
         boxes = clip_boxes(boxes, img.shape)
         keep = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
         boxes, klass, is_crowd = boxes[keep], klass[keep], is_crowd[keep]
@@ -337,17 +337,6 @@ class TrainingDataPreprocessor:
                 masks[k] = polygons_to_box_frame_mask(segms[i], boxes[i], size)
             ret['gt_masks'] = masks
         return ret
-
-
-def _random_crop(img, boxes, segms, crop, rng):
-    """A random crop x crop window (smaller sides kept whole); boxes/polygons shifted."""
-    h, w = img.shape[:2]
-    ch, cw = min(crop, h), min(crop, w)
-    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    boxes = boxes - np.float32([x0, y0, x0, y0])
-    if segms is not None:
-        segms = shift_polygons(segms, -x0, -y0)
-    return img[y0:y0 + ch, x0:x0 + cw], boxes, segms
 
 
 def _has_usable_box(roidb):

@@ -201,17 +201,19 @@ def test_group_norm_matches_numpy(fmt):
     with tf.Graph().as_default(), TowerContext('', is_training=True):
         inp = tf.constant(feed)
         out = backbone.GroupNorm('gn', inp, group=32, data_format=fmt)
-        beta = [v for v in tf.global_variables() if v.op.name == 'gn/beta'][0]
+        params = {v.op.name: v for v in tf.global_variables()}
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
-            sess.run(beta.assign(np.arange(64, dtype=np.float32)))
+            sess.run([params['gn/beta'].assign(np.arange(64, dtype=np.float32)),
+                      params['gn/gamma'].assign(np.linspace(-2, 2, 64, dtype=np.float32))])
             got = sess.run(out)
     if fmt == 'NCHW':
         got = got.transpose(0, 2, 3, 1)
     grouped = x.reshape(2, 5, 7, 32, 2)
     mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
     var = grouped.var(axis=(1, 2, 4), keepdims=True)
-    expected = ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) + np.arange(64)
+    expected = ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) * \
+        np.linspace(-2, 2, 64) + np.arange(64)
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
