@@ -225,3 +225,22 @@ def test_crop_training_keeps_boxes_and_masks_on_the_cropped_image(tmp_path):
                 white = img[ys[:, None], xs[None, :]] > 127
                 assert (white == mask.astype(bool)).mean() > 0.9
     assert cut >= 3  # instances cut by the crop border were checked too
+
+
+def test_random_crop_contains_a_chosen_instance():
+    from common import random_crop
+    img = np.zeros((400, 600, 3), np.uint8)
+    boxes = np.float32([[500, 350, 540, 390], [10, 10, 20, 20]])  # one instance, one crowd
+    crowd = np.int8([0, 1])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        out, shifted, _ = random_crop(img, boxes, crowd, None, 128, rng)
+        assert out.shape == (128, 128, 3)
+        assert (shifted[0, :2] >= 0).all() and (shifted[0, 2:] <= 128).all()  # whole inside
+    big = np.float32([[0, 0, 600, 400]])  # larger than the crop: its centre is kept
+    for _ in range(20):
+        _, shifted, _ = random_crop(img, big, np.int8([0]), None, 128, rng)
+        centre = (shifted[0, :2] + shifted[0, 2:]) / 2
+        assert (centre >= 0).all() and (centre <= 128).all()
+    out, _, _ = random_crop(img[:100], boxes[1:], crowd[1:], None, 128, rng)  # crowd only
+    assert out.shape == (100, 128, 3)
