@@ -26,9 +26,10 @@ DEMO_MAX_STEPS = 1800
 # A third of the demo, as "decay, decay, stop" steps at total batch 1.
 SHORT_SCHEDULE = [450, 550, 600]
 # The short run's APs on shapes_val (COCO mAP@[.5:.95]), measured on a quiet 2-core machine
-# (3.7 minutes for this test): mask 0.221 / box 0.195. The floors are about half of that,
-# for thread-scheduling nondeterminism and slower machines; a broken model, loss or
-# evaluation gives ~0.
+# (3.7 minutes for this test), two runs: mask 0.221 / box 0.195 and mask 0.203 / box 0.173
+# (the second after the GroupNorm change, in a clean-clone CI run). The floors are about
+# half of that, for thread-scheduling nondeterminism and slower machines; a broken model,
+# loss or evaluation gives ~0.
 SHORT_MASK_AP_FLOOR = 0.12
 SHORT_BOX_AP_FLOOR = 0.10
 
