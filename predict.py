@@ -63,7 +63,8 @@ def parse_args(argv=None):
 def expand_inputs(patterns):
     """Files, folders (their images, sorted) and globs -> (existing paths, [(pattern, reason)])."""
     paths, seen, missing = [], set(), []
-    for pattern in patterns:
+    for given in patterns:
+        pattern = os.path.expanduser(given)  # a quoted glob keeps its '~' from the shell
         if os.path.isdir(pattern):
             found = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
                            if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -77,7 +78,7 @@ def expand_inputs(patterns):
             paths.extend(f for f in found if f not in seen)
             seen.update(found)
         else:
-            missing.append((pattern, reason))
+            missing.append((given, reason))
     return paths, missing
 
 

@@ -190,3 +190,16 @@ def test_bad_load_path_is_one_clear_line(tmp_path):
     assert p.returncode == 2
     assert 'Traceback' not in p.stderr
     assert missing in p.stderr.strip().splitlines()[-1]
+
+
+def test_expand_inputs_files_folders_globs_and_home(tmp_path, monkeypatch):
+    import predict
+    (tmp_path / 'imgs').mkdir()
+    for name in ('b.png', 'a.jpg', 'notes.txt'):
+        (tmp_path / 'imgs' / name).write_bytes(b'x')
+    monkeypatch.setenv('HOME', str(tmp_path))
+    folder = str(tmp_path / 'imgs')
+    paths, missing = predict.expand_inputs(
+        [folder, '~/imgs/*.png', os.path.join(folder, 'a.jpg'), '~/nope.png', str(tmp_path)])
+    assert paths == [os.path.join(folder, 'a.jpg'), os.path.join(folder, 'b.png')]  # no repeats
+    assert missing == [('~/nope.png', 'no such file'), (str(tmp_path), 'folder without images')]
