@@ -63,6 +63,8 @@ def test_session_config_contents(no_thread_env, prec, amp, amp_bf16):
     assert rewrite.auto_mixed_precision == amp
     assert rewrite.auto_mixed_precision_onednn_bfloat16 == amp_bf16
     assert rewrite.auto_mixed_precision_mkl == DEFAULT  # the deprecated alias stays unset
+    # no GPU here: grappler's memory optimizer (GPU swapping; noisy cost model) is off
+    assert rewrite.memory_optimization == rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
     with pytest.raises(ValueError, match='precision'):
         session_config('fp8')
 

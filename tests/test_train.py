@@ -112,6 +112,8 @@ def test_data_workers_and_final_evaluation(first_run):
         log = f.read()
     assert 'Filtered 0 images with no annotations out of 600' in log
     assert 'Evaluat' in log or AP_KEY in log
+    # utils.precision turns grappler's memory optimizer off on CPU: no wall of TF warnings
+    assert 'Error in PredictCost()' not in p.stderr
 
 
 def test_resume_continues_the_schedule(first_run, tmp_path):

@@ -110,6 +110,12 @@ def session_config(precision='fp32', intra_op=None, inter_op=None, processes_per
     config.intra_op_parallelism_threads, config.inter_op_parallelism_threads = thread_counts(
         intra_op, inter_op, processes_per_machine)
     rewrite = config.graph_options.rewrite_options
+    from tensorpack.utils.gpu import get_num_gpu
+    if not get_num_gpu():
+        # Grappler's memory optimizer only swaps to host memory on GPUs; on a CPU it gains
+        # nothing (BENCHMARKS.md) and its cost model logs a screenful of "Error in
+        # PredictCost() for the op: op: CropAndResize" warnings (tensorflow#56904).
+        rewrite.memory_optimization = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
     if precision == 'bf16':
         rewrite.auto_mixed_precision_onednn_bfloat16 = rewriter_config_pb2.RewriterConfig.ON
         if not onednn_enabled():
