@@ -25,8 +25,8 @@ import json
 import os
 import sys
 
+from cli import add_config_arguments, setup_config
 from config import config as cfg
-from train import setup_config
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -36,9 +36,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--load', required=True,
                    help='weights: a checkpoint directory or prefix, or an .npz file')
-    p.add_argument('--config-file', help='a YAML config file, applied before --config')
-    p.add_argument('--config', nargs='+', default=[], metavar='KEY=VALUE',
-                   help='config overrides; values are Python literals')
+    add_config_arguments(p)
     p.add_argument('--predict', nargs='+', metavar='PATH',
                    help='image files, folders and globs; one overlay PNG each in --output')
     p.add_argument('--output', default='predictions', help='folder for --predict / --visualize')

@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from config import config as cfg, finalize_configs
+from cli import add_config_arguments, setup_config
+from config import config as cfg
 from utils.training import USER_ERRORS
 
 
@@ -24,20 +25,8 @@ def parse_args(argv=None):
     p.add_argument('--load', help='initial weights: an .npz file or a TF checkpoint')
     p.add_argument('--load-skip', default='',
                    help='regex of variable names NOT to load from --load (e.g. "fastrcnn/")')
-    p.add_argument('--config-file', help='a YAML config file, applied before --config')
-    p.add_argument('--config', nargs='+', default=[], metavar='KEY=VALUE',
-                   help='config overrides; values are Python literals, e.g. MODE_MASK=False')
+    add_config_arguments(p)
     return p.parse_args(argv)
-
-
-def setup_config(args, is_training):
-    """Register datasets, apply --config-file then --config, finalise (ConfigError if bad)."""
-    from dataset import register_builtin_datasets
-    if args.config_file:
-        cfg.load_yaml(args.config_file)
-    cfg.update_args(args.config)
-    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS)
-    finalize_configs(is_training=is_training)
 
 
 def train(args):

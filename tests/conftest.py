@@ -7,3 +7,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import utils.compat  # noqa: E402,F401  (must precede every TensorFlow import)
+
+import pytest  # noqa: E402
+
+from config import config as _cfg  # noqa: E402
+
+
+@pytest.fixture
+def fresh_cfg():
+    """The global config, unfrozen for the test; every key (and the frozen flag) is
+    restored afterwards. The one way tests change config keys."""
+    with _cfg.override() as c:
+        yield c

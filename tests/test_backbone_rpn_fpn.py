@@ -3,7 +3,6 @@
 NCHW graphs are built and their static shapes checked, but only NHWC graphs run: on CPU,
 TensorFlow has no NCHW MaxPool kernel.
 """
-import copy
 
 import numpy as np
 import pytest
@@ -16,25 +15,11 @@ from utils import np_box_ops
 from utils.anchors import get_all_anchors_fpn
 
 
-def _get(key):
-    node = cfg
-    for part in key.split('.'):
-        node = getattr(node, part)
-    return node
-
-
 @pytest.fixture
-def config():
-    """The global cfg, unfrozen for the test; every key is restored afterwards."""
-    frozen = cfg.is_frozen()
-    saved = {k: copy.deepcopy(_get(k)) for k in cfg.flat_keys()}
-    cfg.freeze(False)
-    cfg.BACKBONE.DATA_FORMAT = 'NHWC'
-    yield cfg
-    cfg.freeze(False)
-    for k, v in saved.items():
-        cfg.set_value(k, v)
-    cfg.freeze(frozen)
+def config(fresh_cfg):
+    """The global cfg in NHWC, unfrozen for the test (restored by ``fresh_cfg``)."""
+    fresh_cfg.BACKBONE.DATA_FORMAT = 'NHWC'
+    return fresh_cfg
 
 
 def _image(fmt, h=64, w=96, c=3):

@@ -1,4 +1,4 @@
-"""N-channel input (seed 000) and one channel order everywhere (seed 001).
+"""N-channel input and one channel order everywhere.
 
 - Grayscale (1 channel) and RGB-D (4 channels, 16-bit PNG) COCO datasets train, predict and
   evaluate end to end.

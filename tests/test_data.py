@@ -23,18 +23,13 @@ BALLOON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 @pytest.fixture
-def tiny_cfg():
-    """Small images and masks; the global config is restored afterwards."""
-    saved = data._config_snapshot()
-    cfg.freeze(False)
-    cfg.PREPROC.TRAIN_SHORT_EDGE_SIZE = [96, 128]
-    cfg.PREPROC.MAX_SIZE = 200
-    cfg.PREPROC.IMAGE_CHANNELS, cfg.PREPROC.CHANNEL_ORDER = 3, 'BGR'
-    cfg.MRCNN.GT_MASK_SIZE = 28
-    cfg.DATA.NUM_WORKERS = 0
-    cfg.DATA.MAX_GT_INSTANCES = 0
-    yield cfg
-    data._restore_config(saved)
+def tiny_cfg(fresh_cfg):
+    """Small images and masks (restored by ``fresh_cfg``)."""
+    fresh_cfg.update_args(['PREPROC.TRAIN_SHORT_EDGE_SIZE=[96,128]', 'PREPROC.MAX_SIZE=200',
+                           'PREPROC.IMAGE_CHANNELS=3', 'PREPROC.CHANNEL_ORDER=BGR',
+                           'MRCNN.GT_MASK_SIZE=28', 'DATA.NUM_WORKERS=0',
+                           'DATA.MAX_GT_INSTANCES=0'])
+    return fresh_cfg
 
 
 def _full_mask(polygons, h, w):

@@ -4,7 +4,7 @@ import contextlib
 import yaml
 
 from config import config as cfg, finalize_configs
-from dataset import register_shapes
+from dataset import DatasetRegistry, register_shapes
 
 # ResNet-18, 128-160 px images, few proposals and narrow heads: one training step of the
 # full Mask R-CNN takes well under a second on 2 cores.
@@ -23,29 +23,13 @@ TINY = [
 ]
 
 
-def _snapshot():
-    return {k: cfg._lookup(k)[0].__dict__[cfg._lookup(k)[1]] for k in cfg.flat_keys()}
-
-
-def _restore(saved):
-    cfg.freeze(False)
-    for k, v in saved.items():
-        node, leaf = cfg._lookup(k)
-        node.__dict__[leaf] = v
-
-
 @contextlib.contextmanager
 def configured(overrides=(), is_training=True, tiny=True):
     """Apply TINY (optionally) + overrides, finalise for CPU, restore everything after."""
-    saved = _snapshot()
-    try:
-        cfg.freeze(False)
-        register_shapes(num_train=40, num_val=8)
-        cfg.update_args((TINY if tiny else []) + list(overrides))
-        finalize_configs(is_training=is_training, num_gpus=0)
+    register_shapes(num_train=40, num_val=8)
+    with cfg.override((TINY if tiny else []) + list(overrides)):
+        finalize_configs(is_training=is_training, num_gpus=0, registry=DatasetRegistry)
         yield cfg
-    finally:
-        _restore(saved)
 
 
 def yaml_overrides(path):

@@ -29,11 +29,12 @@ import os
 import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
 
+from config_defaults import PRECISIONS
+
 __all__ = ['PRECISIONS', 'INTRA_OP_THREADS_ENV', 'INTER_OP_THREADS_ENV', 'usable_cores',
            'thread_counts', 'onednn_enabled', 'session_config', 'session_creator',
            'wrap_optimizer']
 
-PRECISIONS = ('fp32', 'bf16', 'fp16')
 INTRA_OP_THREADS_ENV = 'RCNN_INTRA_OP_THREADS'
 INTER_OP_THREADS_ENV = 'RCNN_INTER_OP_THREADS'
 # Inter-op threads per process: two ops at a time keep the cores busy while one op is a

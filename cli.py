@@ -1,0 +1,37 @@
+"""The command-line side of the config, shared by every entry point.
+
+``add_config_arguments`` declares ``--config-file`` and ``--config``; ``setup_config``
+registers the datasets and applies them in that order, then finalises the tree.
+train.py, predict.py and the bench scripts use both; a user's own script can too.
+"""
+import os
+
+from config import config as cfg, finalize_configs
+
+__all__ = ['add_config_arguments', 'setup_config']
+
+
+def add_config_arguments(parser):
+    """Add ``--config-file PATH`` and ``--config KEY=VALUE ...`` to an argparse parser."""
+    parser.add_argument('--config-file', help='a YAML config file, applied before --config')
+    parser.add_argument('--config', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='config overrides; values are Python literals, e.g. '
+                             'MODE_MASK=False')
+
+
+def setup_config(args, is_training, num_gpus=None):
+    """Register datasets, apply ``args.config_file`` then ``args.config``, finalise.
+
+    Args:
+        args: anything with ``config_file`` (path or None) and ``config`` (list of str).
+        is_training (bool): as `config.finalize_configs`.
+        num_gpus (int or None): visible GPUs; detected when None.
+    Raises:
+        ConfigError: naming the offending key.
+    """
+    from dataset import DatasetRegistry, register_builtin_datasets
+    if args.config_file:
+        cfg.load_yaml(args.config_file)
+    cfg.update_args(args.config)
+    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS)
+    finalize_configs(is_training=is_training, num_gpus=num_gpus, registry=DatasetRegistry)
