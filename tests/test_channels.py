@@ -224,9 +224,6 @@ def test_training_evaluation_and_predict_feed_the_same_array(tmp_path, channels)
             train = data.get_train_dataflow()
             train.reset_state()
             train_img = next(iter(train))[0]
-            eval_df = data.get_eval_dataflow(name)
-            eval_df.reset_state()
-            df_img = next(iter(eval_df))[0]
             recorder = _Recorder()
             roidbs = DatasetRegistry.get(name).inference_roidbs()
             ev.predict_dataflow(ev.read_inference_images(roidbs, []), recorder)
@@ -234,7 +231,7 @@ def test_training_evaluation_and_predict_feed_the_same_array(tmp_path, channels)
                 ['--load', 'unused', '--predict', path, '--output', str(tmp_path / order)]),
                 recorder)
         eval_img, predict_img = recorder.images
-        for img in (df_img, eval_img, predict_img):
+        for img in (eval_img, predict_img):
             np.testing.assert_array_equal(img, train_img)
         fed[order] = train_img
     np.testing.assert_array_equal(fed['BGR'], raw.astype(np.float32))

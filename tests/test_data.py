@@ -16,6 +16,7 @@ from common import ImageReadError, read_image
 from config import config as cfg
 from dataset import DatasetRegistry, DatasetSplit
 from utils.anchors import get_all_anchors, padded_size
+from utils.graph_inputs import input_names
 from utils.np_box_ops import pairwise_iou
 
 BALLOON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -266,7 +267,7 @@ def _check_datapoint(dp, mode_fpn, mode_mask, num_gt):
     img = dp['image']
     assert img.dtype == np.float32 and img.ndim == 3 and img.shape[2] == 3
     assert 96 <= min(img.shape[:2]) <= 128 and max(img.shape[:2]) <= 200
-    names = data.input_names(mode_fpn, mode_mask)
+    names = input_names(mode_fpn, mode_mask)
     assert sorted(dp) == sorted(names)
     mult = 32 if mode_fpn else 16
     anchor_keys = [n for n in names if n.startswith('anchor_labels')]
@@ -334,9 +335,10 @@ def test_preprocessor_pickles_with_its_config(tiny_cfg, tmp_path):
     blob = pickle.dumps(data.TrainingDataPreprocessor(seed=0))
     cfg.MRCNN.GT_MASK_SIZE = 56  # like a spawned worker's default config
     pre = pickle.loads(blob)
-    assert cfg.MRCNN.GT_MASK_SIZE == 14
+    assert cfg.MRCNN.GT_MASK_SIZE == 56  # the worker side never writes the global config
     dp = pre(_write_scene(str(tmp_path / 'scene.png')))
     assert dp['gt_masks'].shape == (2, 14, 14)
+    assert cfg.MRCNN.GT_MASK_SIZE == 56
 
 
 # ---------------------------------------------------------------------------- dataflows
@@ -363,7 +365,7 @@ def test_train_dataflow_skips_bad_images_and_filters_empty(tiny_cfg, tmp_path, c
     with caplog.at_level(logging.INFO, logger='data'):
         dps = _collect(data.get_train_dataflow())
     assert len(dps) == 2
-    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
     for dp in dps:
         assert isinstance(dp, list) and len(dp) == len(names)
         _check_datapoint(dict(zip(names, dp)), cfg.MODE_FPN, cfg.MODE_MASK, 2)
@@ -398,23 +400,10 @@ def test_train_dataflow_multiprocess(tiny_cfg, tmp_path):
         dps = _collect(df, 4)
     finally:
         df.ds.__del__()  # stop the worker processes now
-    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
     assert len(dps) == 4
     for dp in dps:
         _check_datapoint(dict(zip(names, dp)), cfg.MODE_FPN, cfg.MODE_MASK, 2)
-
-
-def test_eval_dataflow_original_size_and_skips(tiny_cfg, tmp_path, caplog):
-    roidbs = [_write_scene(str(tmp_path / 'e{}.png'.format(i)), h=50 + i, w=60) for i in range(4)]
-    roidbs[1] = dict(roidbs[1], file_name=str(tmp_path / 'gone.png'))
-    name = _register('test_data_eval', roidbs)
-    with caplog.at_level(logging.WARNING, logger='data'):
-        dps = _collect(data.get_eval_dataflow(name))
-    assert [dp[1] for dp in dps] == ['e0.png', 'e2.png', 'e3.png']
-    assert [dp[0].shape for dp in dps] == [(50, 60, 3), (52, 60, 3), (53, 60, 3)]
-    assert 'gone.png' in caplog.text
-    shards = [[dp[1] for dp in _collect(data.get_eval_dataflow(name, k, 3))] for k in range(3)]
-    assert shards == [['e0.png'], [], ['e2.png', 'e3.png']]
 
 
 # ---------------------------------------------------------------------------- real data
@@ -427,7 +416,7 @@ def test_shapes_images(tiny_cfg, tmp_path):
     roidbs = DatasetRegistry.get(name).training_roidbs()
     dps = _collect(data.get_train_dataflow())
     assert len(dps) == 3
-    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
     for dp in dps:
         dp = dict(zip(names, dp))
         assert dp['gt_masks'].any(axis=(1, 2)).all()  # every visible shape has mask pixels
@@ -442,7 +431,7 @@ def test_balloon_images(tiny_cfg):
     register_balloon(BALLOON_DIR)
     cfg.DATA.TRAIN = ('balloon_train',)
     df = data.get_train_dataflow()
-    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
     for dp in _collect(df, 2):
         dp = dict(zip(names, dp))
         _check_datapoint(dp, True, True, len(dp['gt_boxes']))
