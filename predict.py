@@ -105,9 +105,9 @@ def build_predictor(weights, extra_outputs=()):
     from tensorpack import OfflinePredictor, PredictConfig
 
     from eval import get_inference_output_names
-    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
+    from modeling.generalized_rcnn import build_model
     from utils.precision import session_creator
-    model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
+    model = build_model()
     return OfflinePredictor(PredictConfig(
         model=model, session_init=weights, input_names=['image'],
         output_names=get_inference_output_names() + list(extra_outputs),

@@ -47,7 +47,7 @@ def train(args):
                                   TrainConfig, launch_train_with_config)
 
     from data import get_train_dataflow
-    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
+    from modeling.generalized_rcnn import build_model
     from utils.training import (DUMP_WEIGHTS_ENV, DumpWeights, HostMemoryTracker, LRSetter,
                                 NonFiniteGuard, ScaledSchedule, WeightsLoader, add_log_file,
                                 find_resume_checkpoint, write_config)
@@ -110,7 +110,7 @@ def train(args):
     if os.environ.get(DUMP_WEIGHTS_ENV):  # tests: compare the ranks' final weights
         callbacks.append(DumpWeights(os.environ[DUMP_WEIGHTS_ENV], rank))
 
-    model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
+    model = build_model()
     dataflow = get_train_dataflow(shard=(rank, num_devices) if num_devices > 1 else None)
     traincfg = TrainConfig(
         model=model, data=None, dataflow=dataflow, callbacks=callbacks,

@@ -87,13 +87,13 @@ def count_flops(image_hw, seed=0):
 
     from config import config as cfg
     from eval import get_inference_output_names
-    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
+    from modeling.generalized_rcnn import build_model
     graph = tf.Graph()
     with graph.as_default():
         tf.set_random_seed(seed)
         image = tf.placeholder(tf.float32, list(image_hw) + [cfg.PREPROC.IMAGE_CHANNELS], 'image')
         with PredictTowerContext(''):
-            (ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()).build_graph(image)
+            build_model().build_graph(image)
         fetches = [graph.get_tensor_by_name(n + ':0')
                    for n in ['output/proposal_boxes'] + get_inference_output_names()]
         config = tf.ConfigProto()

@@ -354,7 +354,8 @@ def test_generate_fpn_proposals(config, mode, training):
             for a in anchors]
         logits = [tf.constant(rng.normal(0, 1, a.shape[:3]).astype(np.float32))
                   for a in anchors]
-        pb, ps = _run(model_fpn.generate_fpn_proposals(boxes, logits, tf.constant([128, 128])))
+        pb, ps = _run(model_fpn.generate_fpn_proposals(boxes, logits, tf.constant([128, 128]),
+                                                       training))
     assert 10 < len(pb) <= (30 if training else 20) and ps.shape == (len(pb),)
     assert pb.min() >= 0 and pb.max() <= 128
 

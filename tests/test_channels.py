@@ -16,11 +16,11 @@ import pytest
 import tensorflow.compat.v1 as tf
 
 import data
-from bench.dense import build_training_step
 from common import read_image
 from dataset import DatasetRegistry, DatasetSplit, register_coco_json
 from dataset.shapes import CLASS_NAMES, generate_image
 from modeling.generalized_rcnn import model_input_names
+from modeling.training_graph import build_training_step
 from tests.tiny import configured
 
 CHANNEL_CONFIG = {
@@ -74,11 +74,11 @@ def _save_untrained(path):
     from tensorpack.tfutils.tower import TowerContext
 
     from config import config as cfg
-    from modeling.generalized_rcnn import ResNetFPNModel
+    from modeling.generalized_rcnn import build_model
     with tf.Graph().as_default():
         image = tf.placeholder(tf.float32, [None, None, cfg.PREPROC.IMAGE_CHANNELS], 'image')
         with TowerContext('', is_training=False):
-            ResNetFPNModel().build_graph(image)
+            build_model().build_graph(image)
         trainable = [v.op.name for v in tf.trainable_variables()]
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())

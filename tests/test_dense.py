@@ -17,12 +17,12 @@ import tensorflow.compat.v1 as tf
 from pycocotools import mask as mask_util
 
 import data
-from bench.dense import build_training_step
 from common import filter_boxes_inside_shape, read_image
 from config import config as cfg
 from dataset import DatasetRegistry
 from dataset.shapes import CLASS_NAMES, ShapesDataset
 from modeling.generalized_rcnn import model_input_names
+from modeling.training_graph import build_training_step
 from tests.tiny import TINY, configured
 from utils import np_box_ops
 from utils.anchors import get_all_anchors_fpn
