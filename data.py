@@ -28,11 +28,6 @@ from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
 from utils.graph_inputs import fpn_levels, image_pad_multiple, input_names
 from utils.np_box_ops import max_coverage, max_iou_over_gt
 
-# msgpack-numpy between data workers and the trainer. tensorpack reads this variable when
-# it is first imported, so this only helps if nothing imported tensorpack before us
-# (`get_train_dataflow` warns otherwise).
-os.environ.setdefault('TENSORPACK_SERIALIZE', 'msgpack')
-
 logger = logging.getLogger(__name__)
 
 __all__ = ['get_anchor_labels', 'get_rpn_anchor_input', 'get_multilevel_rpn_anchor_input',
@@ -306,14 +301,6 @@ def _has_usable_box(roidb):
     return bool(ok.any())
 
 
-def _check_serializer():
-    from tensorpack.dataflow import parallel_map
-    from tensorpack.utils.serialize import MsgpackSerializer
-    if parallel_map.dumps is not MsgpackSerializer.dumps:
-        logger.warning('Data workers do not use msgpack-numpy: set TENSORPACK_SERIALIZE=msgpack '
-                       'before tensorpack is first imported.')
-
-
 def get_train_dataflow(shard=None):
     """The training dataflow: lists ordered as `utils.graph_inputs.input_names`.
 
@@ -326,6 +313,7 @@ def get_train_dataflow(shard=None):
         shard ((rank, size) or None): with Horovod, rank r takes every size-th image of one
             fixed permutation (the same on every rank, so the shards are disjoint).
     """
+    from utils.compat import warn_unless_msgpack  # sets TENSORPACK_SERIALIZE if still unset
     from tensorpack.dataflow import DataFromList, MapData, MultiProcessMapData
 
     roidbs = list(itertools.chain.from_iterable(
@@ -351,7 +339,7 @@ def get_train_dataflow(shard=None):
     ds = DataFromList(roidbs, shuffle=True)
     workers = cfg.DATA.NUM_WORKERS
     if workers > 0:
-        _check_serializer()
+        warn_unless_msgpack(logger)
         ds = MultiProcessMapData(ds, num_proc=workers, map_func=preprocess,
                                  buffer_size=_BUFFER_PER_WORKER * workers)
     else:

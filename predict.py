@@ -286,10 +286,10 @@ def run(args, weights):
         return 0
     predictor = build_predictor(weights)
     if args.export_savedmodel:
-        from eval import export_savedmodel
+        from export import export_savedmodel
         export_savedmodel(predictor, args.export_savedmodel)
     if args.export_pb:
-        from eval import export_frozen_graph
+        from export import export_frozen_graph
         export_frozen_graph(predictor, args.export_pb)
     if args.evaluate:
         run_evaluate(args, predictor)

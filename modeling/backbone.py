@@ -23,6 +23,7 @@ from tensorpack.tfutils.varreplace import custom_getter_scope
 from tensorpack.utils.argtools import get_data_format
 
 from config import config as cfg
+from utils.compat import frozen_variable_getter
 from config_defaults import DEPTHS, TRAINABLE_LAYERS
 
 __all__ = ['GroupNorm', 'num_blocks_for_depth', 'block_func_for_depth', 'num_frozen_stages',
@@ -126,22 +127,8 @@ def backbone_scope(freeze):
     with argscope([Conv2D, MaxPooling, BatchNorm, GroupNorm], data_format=feature_data_format()), \
             argscope(Conv2D, use_bias=(norm == 'None'), kernel_initializer=init), \
             argscope(BatchNorm, **bn_args), \
-            (custom_getter_scope(_frozen_getter) if freeze else contextlib.nullcontext()):
+            (custom_getter_scope(frozen_variable_getter) if freeze else contextlib.nullcontext()):
         yield
-
-
-def _frozen_getter(getter, *args, **kwargs):
-    """Create/get a variable outside TRAINABLE_VARIABLES, but keep a would-be-trainable
-    one in MODEL_VARIABLES, where tensorpack's savers and exporters look for weights.
-    (tensorpack's freeze_variables does this too, but its isinstance check misses the
-    resource variables of TF 2, so frozen weights would drop out of MODEL_VARIABLES.)"""
-    trainable = kwargs.get('trainable', True)
-    kwargs['trainable'] = False
-    var = getter(*args, **kwargs)
-    model_vars = tf.get_collection_ref(tf.GraphKeys.MODEL_VARIABLES)
-    if trainable and not any(v is var for v in model_vars):
-        model_vars.append(var)
-    return var
 
 
 def _norm(x, zero_init=False):

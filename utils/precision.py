@@ -30,6 +30,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
 
 from config_defaults import PRECISIONS
+from utils.compat import disable_cpu_memory_optimizer
 
 __all__ = ['PRECISIONS', 'INTRA_OP_THREADS_ENV', 'INTER_OP_THREADS_ENV', 'usable_cores',
            'thread_counts', 'onednn_enabled', 'session_config', 'session_creator',
@@ -113,10 +114,7 @@ def session_config(precision='fp32', intra_op=None, inter_op=None, processes_per
     rewrite = config.graph_options.rewrite_options
     from tensorpack.utils.gpu import get_num_gpu
     if not get_num_gpu():
-        # Grappler's memory optimizer only swaps to host memory on GPUs; on a CPU it gains
-        # nothing (BENCHMARKS.md) and its cost model logs a screenful of "Error in
-        # PredictCost() for the op: op: CropAndResize" warnings (tensorflow#56904).
-        rewrite.memory_optimization = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+        disable_cpu_memory_optimizer(rewrite)
     if precision == 'bf16':
         rewrite.auto_mixed_precision_onednn_bfloat16 = rewriter_config_pb2.RewriterConfig.ON
         if not onednn_enabled():
