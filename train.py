@@ -13,8 +13,14 @@ import os
 import sys
 
 from cli import add_config_arguments, setup_config
-from config import config as cfg
-from utils.training import USER_ERRORS
+from common import ImageReadError
+from config import ConfigError, config as cfg
+from dataset import DatasetError, DatasetRegistryError
+from utils.training import TrainingDiverged, UserInputError
+
+# What train.py reports as one "Error: ..." line instead of a traceback.
+USER_ERRORS = (UserInputError, TrainingDiverged, ConfigError, DatasetRegistryError,
+               DatasetError, FileNotFoundError, ImageReadError)
 
 
 def parse_args(argv=None):
@@ -29,51 +35,93 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _devices():
+    """(rank, devices, ranks on this machine): Horovod's, else one process for all GPUs."""
+    if cfg.TRAINER == 'horovod':
+        import horovod.tensorflow as hvd
+        hvd.init()
+        return hvd.rank(), hvd.size(), hvd.local_size()
+    return 0, max(cfg.TRAIN.NUM_GPUS, 1), 1
+
+
+def _session_init(args, resume_ckpt):
+    """What the variables start from: the checkpoint resumed, else --load / weights."""
+    from tensorpack.tfutils.sessinit import SaverRestore
+
+    from utils.training import WeightsLoader
+    if resume_ckpt:
+        return SaverRestore(resume_ckpt)  # everything, optimizer state too
+    if args.load or cfg.BACKBONE.WEIGHTS:
+        return WeightsLoader(args.load or os.path.expanduser(cfg.BACKBONE.WEIGHTS),
+                             skip_regex=args.load_skip)
+    return None
+
+
+def _callbacks(logdir, schedule, guard, num_devices, rank):
+    """The trainer's callbacks; ``guard`` (the NonFiniteGuard) first."""
+    from tensorpack.callbacks import (EnableCallbackIf, EstimatedTimeLeft, ModelSaver,
+                                      SessionRunTimeout, ThroughputTracker)
+
+    from utils.training import DUMP_WEIGHTS_ENV, DumpWeights, HostMemoryTracker, LRSetter
+
+    def at_checkpoint(cb):
+        return cb.epoch_num % cfg.TRAIN.CHECKPOINT_PERIOD == 0 or \
+            cb.epoch_num == cb.trainer.max_epoch
+
+    callbacks = [
+        guard,  # first: its end-of-epoch weight check must precede the ModelSaver
+        EnableCallbackIf(ModelSaver(max_to_keep=10, keep_checkpoint_every_n_hours=1,
+                                    checkpoint_dir=logdir), at_checkpoint),
+        LRSetter(schedule),
+        ThroughputTracker(samples_per_step=num_devices),
+        EstimatedTimeLeft(median=True),
+        HostMemoryTracker(),
+        SessionRunTimeout(60000),
+    ]
+    if cfg.TRAIN.EVAL_PERIOD > 0:
+        from eval import EvalCallback
+        callbacks.append(EvalCallback())
+    if os.environ.get(DUMP_WEIGHTS_ENV):  # tests: compare the ranks' final weights
+        callbacks.append(DumpWeights(os.environ[DUMP_WEIGHTS_ENV], rank))
+    return callbacks
+
+
+def _trainer(num_devices):
+    from tensorpack.train import HorovodTrainer, SimpleTrainer, SyncMultiGPUTrainerReplicated
+    if cfg.TRAINER == 'horovod':
+        return HorovodTrainer(average=True)
+    if num_devices > 1:
+        return SyncMultiGPUTrainerReplicated(num_devices, average=True, mode='nccl')
+    return SimpleTrainer()
+
+
 def train(args):
     """Configure, then resume from --logdir's latest checkpoint or start (from --load, or
     from scratch), and train to the end of the scaled schedule.
 
     Raises:
-        one of utils.training.USER_ERRORS on input the user can fix, or TrainingDiverged.
+        one of USER_ERRORS on input the user can fix, or TrainingDiverged.
     """
     setup_config(args, is_training=True)
 
     import tensorflow as tf
     from tensorpack import logger
-    from tensorpack.callbacks import (EnableCallbackIf, EstimatedTimeLeft, ModelSaver,
-                                      SessionRunTimeout, ThroughputTracker)
-    from tensorpack.tfutils.sessinit import SaverRestore
-    from tensorpack.train import (HorovodTrainer, SimpleTrainer, SyncMultiGPUTrainerReplicated,
-                                  TrainConfig, launch_train_with_config)
+    from tensorpack.train import TrainConfig, launch_train_with_config
 
     from data import get_train_dataflow
     from modeling.generalized_rcnn import build_model
-    from utils.training import (DUMP_WEIGHTS_ENV, DumpWeights, HostMemoryTracker, LRSetter,
-                                NonFiniteGuard, ScaledSchedule, WeightsLoader, add_log_file,
-                                find_resume_checkpoint, write_config)
     from utils.precision import session_creator
+    from utils.training import (NonFiniteGuard, ScaledSchedule, add_log_file,
+                                find_resume_checkpoint, write_config)
 
-    if cfg.TRAINER == 'horovod':
-        import horovod.tensorflow as hvd
-        hvd.init()
-        rank, num_devices, local_ranks = hvd.rank(), hvd.size(), hvd.local_size()
-    else:
-        rank, num_devices, local_ranks = 0, max(cfg.TRAIN.NUM_GPUS, 1), 1
-    is_chief = rank == 0
+    rank, num_devices, local_ranks = _devices()
     tf.compat.v1.set_random_seed(cfg.TRAIN.SEED + rank)
     schedule = ScaledSchedule(num_devices)
 
     # Everything that can fail on a bad path is checked before the log directory is made.
     resume_ckpt, resume_step = find_resume_checkpoint(args.logdir)
-    if resume_ckpt:
-        session_init = SaverRestore(resume_ckpt)  # everything, optimizer state too
-    elif args.load or cfg.BACKBONE.WEIGHTS:
-        session_init = WeightsLoader(args.load or os.path.expanduser(cfg.BACKBONE.WEIGHTS),
-                                     skip_regex=args.load_skip)
-    else:
-        session_init = None
-
-    if is_chief:
+    session_init = _session_init(args, resume_ckpt)
+    if rank == 0:
         logger.set_logger_dir(args.logdir, action='k')  # keep: resuming must lose nothing
         add_log_file(args.logdir)
         write_config(args.logdir)
@@ -87,44 +135,18 @@ def train(args):
             logger.info('Nothing to do: the schedule ends at global step {} '
                         '(raise TRAIN.LR_SCHEDULE to train longer).'.format(schedule.total_iters))
             return
-    starting_epoch = resume_step // cfg.TRAIN.STEPS_PER_EPOCH + 1
-
-    def at_checkpoint(cb):
-        return cb.epoch_num % cfg.TRAIN.CHECKPOINT_PERIOD == 0 or \
-            cb.epoch_num == cb.trainer.max_epoch
 
     guard = NonFiniteGuard(schedule, checkpoint_dir=args.logdir)
-    callbacks = [
-        guard,  # first: its end-of-epoch weight check must precede the ModelSaver
-        EnableCallbackIf(ModelSaver(max_to_keep=10, keep_checkpoint_every_n_hours=1,
-                                    checkpoint_dir=args.logdir), at_checkpoint),
-        LRSetter(schedule),
-        ThroughputTracker(samples_per_step=num_devices),
-        EstimatedTimeLeft(median=True),
-        HostMemoryTracker(),
-        SessionRunTimeout(60000),
-    ]
-    if cfg.TRAIN.EVAL_PERIOD > 0:
-        from eval import EvalCallback
-        callbacks.append(EvalCallback())
-    if os.environ.get(DUMP_WEIGHTS_ENV):  # tests: compare the ranks' final weights
-        callbacks.append(DumpWeights(os.environ[DUMP_WEIGHTS_ENV], rank))
-
-    model = build_model()
     dataflow = get_train_dataflow(shard=(rank, num_devices) if num_devices > 1 else None)
     traincfg = TrainConfig(
-        model=model, data=None, dataflow=dataflow, callbacks=callbacks,
-        steps_per_epoch=cfg.TRAIN.STEPS_PER_EPOCH, starting_epoch=starting_epoch,
+        model=build_model(), data=None, dataflow=dataflow,
+        callbacks=_callbacks(args.logdir, schedule, guard, num_devices, rank),
+        steps_per_epoch=cfg.TRAIN.STEPS_PER_EPOCH,
+        starting_epoch=resume_step // cfg.TRAIN.STEPS_PER_EPOCH + 1,
         max_epoch=schedule.max_epoch, session_init=session_init,
         # threads shared fairly by the ranks on this machine; TRAIN.PRECISION's graph rewrite
         session_creator=session_creator(cfg.TRAIN.PRECISION, processes_per_machine=local_ranks))
-    if cfg.TRAINER == 'horovod':
-        trainer = HorovodTrainer(average=True)
-    elif num_devices > 1:
-        trainer = SyncMultiGPUTrainerReplicated(num_devices, average=True, mode='nccl')
-    else:
-        trainer = SimpleTrainer()
-    launch_train_with_config(traincfg, trainer)
+    launch_train_with_config(traincfg, _trainer(num_devices))
     guard.raise_if_diverged()
 
 

@@ -20,9 +20,7 @@ from tensorpack.tfutils.varmanip import dump_session_params
 from tensorpack.train.base import StopTraining
 from tensorpack.utils import logger
 
-from common import ImageReadError
-from config import ConfigError, config as cfg
-from dataset import DatasetError, DatasetRegistryError
+from config import config as cfg
 
 # Set to a path prefix to make every rank write <prefix>.rank<k>.npz after training (tests).
 DUMP_WEIGHTS_ENV = 'RCNN_TEST_DUMP_WEIGHTS'
@@ -38,11 +36,6 @@ class TrainingDiverged(StopTraining):
     A `StopTraining`, so tensorpack ends the loop cleanly (after_train runs, nothing more is
     saved); `NonFiniteGuard.raise_if_diverged` re-raises it once training has returned.
     """
-
-
-# What train.py reports as one "Error: ..." line instead of a traceback.
-USER_ERRORS = (UserInputError, TrainingDiverged, ConfigError, DatasetRegistryError,
-               DatasetError, FileNotFoundError, ImageReadError)
 
 
 class ScaledSchedule:
