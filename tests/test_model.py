@@ -41,6 +41,7 @@ VARIANTS = [  # (overrides, what it covers)
     (['MODE_FPN=True', 'MODE_MASK=False', 'FPN.FRCNN_HEAD_FUNC=fastrcnn_4conv1fc_head',
       'BACKBONE.TRAINABLE=3+'], 'fpn-4conv-3plus'),
     (['MODE_FPN=True', 'MODE_MASK=True', 'BACKBONE.NORM=SyncBN'], 'fpn-mask-syncbn'),
+    (['MODE_FPN=True', 'MODE_MASK=True', 'MRCNN.RESOLUTION=14'], 'fpn-mask-res14'),
     (['MODE_FPN=False', 'MODE_MASK=True', 'BACKBONE.NORM=GN'], 'c4-mask-gn'),
     (['MODE_FPN=False', 'MODE_MASK=False', 'BACKBONE.NORM=FreezeBN', 'BACKBONE.DEPTH=50'],
      'c4-r50-freezebn'),
@@ -109,13 +110,14 @@ def test_overfit_one_image_drives_every_loss_down():
 
 
 @pytest.mark.parametrize('overrides', [['MODE_FPN=True', 'MODE_MASK=True'],
+                                       ['MODE_FPN=True', 'MRCNN.RESOLUTION=14'],
                                        ['MODE_FPN=True', 'CASCADE.ENABLED=True'],
                                        ['MODE_FPN=False', 'MODE_MASK=True']],
-                         ids=['fpn-mask', 'cascade-mask', 'c4-mask'])
+                         ids=['fpn-mask-res28', 'fpn-mask-res14', 'cascade-mask', 'c4-mask'])
 def test_inference_outputs(overrides):
     with configured(overrides, is_training=False):
         model = build_model()
-        resolution = cfg.MRCNN.RESOLUTION if cfg.MODE_FPN else 14
+        resolution = cfg.MRCNN.RESOLUTION if cfg.MODE_FPN else 14  # MRCNN.RESOLUTION is FPN's
         num_classes = cfg.DATA.NUM_CATEGORY
         with tf.Graph().as_default():
             image = tf.placeholder(tf.float32, [None, None, 3], 'image')
