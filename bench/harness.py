@@ -41,6 +41,17 @@ def add_config_arguments(parser):
                         help='measurements per profile, each in a fresh process')
 
 
+def bench_parser(doc, warmup, unit):
+    """The argument parser of a profile script: `add_config_arguments`, ``--warmup``
+    (untimed ``unit``s first) and the internal ``--job``."""
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    p.add_argument('--warmup', type=int, default=warmup, help='untimed {} first'.format(unit))
+    p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
+    return p
+
+
 def jobs_from_args(args, **extra):
     """One job dict per (profile, repeat) of parsed `add_config_arguments` arguments."""
     return [dict(profile=p, config_file=args.config_file, config=list(args.config),

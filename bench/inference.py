@@ -39,7 +39,6 @@ One JSON line per measurement (each in a fresh process):
     error                              set when the graph could not run (e.g. NCHW on CPU)
 plus the config, precision, data format, threads, oneDNN state, load average, peak RSS.
 """
-import argparse
 import collections
 import os
 import statistics
@@ -205,14 +204,10 @@ def measure(profile, config_file, config, intra, inter, onednn, images, warmup, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    harness.add_config_arguments(p)
+    p = harness.bench_parser(__doc__, warmup=2, unit='images')
     p.add_argument('--images', type=int, default=5, help='timed images (medians reported)')
-    p.add_argument('--warmup', type=int, default=2, help='untimed images first')
     p.add_argument('--no-flops', dest='flops', action='store_false',
                    help='skip the FLOP count (it builds and runs the graph once more)')
-    p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = p.parse_args(argv)
     if args.job:
         return harness.run_job(measure, args.job)

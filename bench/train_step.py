@@ -27,7 +27,6 @@ One JSON line per measurement (each in a fresh process):
 plus the config, precision, data format, threads, oneDNN state, load average and peak RSS
 (``peak_rss_mb``, the whole process).
 """
-import argparse
 import os
 import statistics
 import sys
@@ -94,12 +93,8 @@ def measure(profile, config_file, config, intra, inter, onednn, steps, warmup):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    harness.add_config_arguments(p)
+    p = harness.bench_parser(__doc__, warmup=1, unit='steps')
     p.add_argument('--steps', type=int, default=3, help='timed steps (median reported)')
-    p.add_argument('--warmup', type=int, default=1, help='untimed steps first')
-    p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = p.parse_args(argv)
     if args.job:
         return harness.run_job(measure, args.job)

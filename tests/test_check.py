@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from dataset import DatasetRegistry, DatasetSplit, register_coco_json
+from dataset import DatasetRegistry, register_coco_json
 from dataset.check import (KINDS, _probe_image, check_and_report, check_dataset,
                            format_summary, image_size_from_header, write_report)
+from tests.tiny import ListSplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOON_DIR = os.path.join(ROOT, "..", "shared", "data", "balloon")
@@ -157,14 +158,6 @@ def test_malformed_json_reported_and_loader_failure_fatal(tmp_path):
     assert len(report["fatal"]) == 1 and "the loader fails on" in report["fatal"][0]
 
 
-class _ListSplit(DatasetSplit):
-    def __init__(self, roidbs):
-        self._roidbs = roidbs
-
-    def training_roidbs(self):
-        return self._roidbs
-
-
 def test_roidb_split_checks(tmp_path):
     """A split that is not COCO-json backed is checked on its roidbs."""
     cv2.imwrite(str(tmp_path / "a.png"), _noise(32, 48))
@@ -175,7 +168,7 @@ def test_roidb_split_checks(tmp_path):
     rdb = {"file_name": str(tmp_path / "a.png"), "image_id": np.int64(7), "height": None,
            "width": None, "boxes": boxes, "class": np.array([1, 2, 1], np.int32),
            "is_crowd": np.zeros(3, np.int8), "segmentation": segm}
-    DatasetRegistry.register("zz_check_roidb", lambda: _ListSplit([rdb]))
+    DatasetRegistry.register("zz_check_roidb", lambda: ListSplit([rdb]))
     DatasetRegistry.register_metadata("zz_check_roidb", "class_names", ["x"])
     report = check_dataset("zz_check_roidb")
     found = {k: [(e["image_id"], e["annotation"]) for e in v]

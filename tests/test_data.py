@@ -14,7 +14,8 @@ import common
 import data
 from common import ImageReadError, read_image
 from config import config as cfg
-from dataset import DatasetRegistry, DatasetSplit
+from dataset import DatasetRegistry
+from tests.tiny import ListSplit
 from utils.anchors import get_all_anchors, padded_size
 from utils.graph_inputs import input_names
 from utils.np_box_ops import pairwise_iou
@@ -54,19 +55,8 @@ def _write_scene(path, h=100, w=140):
             'segmentation': [[p] for p in polys]}
 
 
-class _ListSplit(DatasetSplit):
-    def __init__(self, roidbs):
-        self._roidbs = roidbs
-
-    def training_roidbs(self):
-        return self._roidbs
-
-    def inference_roidbs(self):
-        return [{'file_name': r['file_name'], 'image_id': r['image_id']} for r in self._roidbs]
-
-
 def _register(name, roidbs):
-    DatasetRegistry.register(name, lambda: _ListSplit(roidbs))
+    DatasetRegistry.register(name, lambda: ListSplit(roidbs))
     return name
 
 
@@ -436,4 +426,3 @@ def test_balloon_images(tiny_cfg):
         dp = dict(zip(names, dp))
         _check_datapoint(dp, True, True, len(dp['gt_boxes']))
         assert len(dp['gt_boxes']) >= 1 and dp['gt_masks'].mean() > 0.3  # balloons fill boxes
-

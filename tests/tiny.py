@@ -1,10 +1,11 @@
-"""A tiny model configuration for fast CPU tests, and a context manager to apply it."""
+"""Test helpers: a tiny model configuration for fast CPU tests, a context manager to apply
+it, and a dataset split over given roidbs."""
 import contextlib
 
 import yaml
 
 from config import config as cfg, finalize_configs
-from dataset import DatasetRegistry, register_shapes
+from dataset import DatasetRegistry, DatasetSplit, register_shapes
 
 # ResNet-18, 128-160 px images, few proposals and narrow heads: one training step of the
 # full Mask R-CNN takes well under a second on 2 cores.
@@ -46,3 +47,16 @@ def yaml_overrides(path):
                 out.append('{}{}={!r}'.format(prefix, key, value))
     walk(tree, '')
     return out
+
+
+class ListSplit(DatasetSplit):
+    """A dataset split over the given roidbs (dataset/dataset.py format)."""
+
+    def __init__(self, roidbs):
+        self._roidbs = roidbs
+
+    def training_roidbs(self):
+        return self._roidbs
+
+    def inference_roidbs(self):
+        return [{'file_name': r['file_name'], 'image_id': r['image_id']} for r in self._roidbs]
