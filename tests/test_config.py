@@ -176,7 +176,7 @@ def test_yaml_unknown_key_is_error(fresh_cfg, tmp_path):
 
 
 def test_cli_unknown_key_exits_nonzero_naming_key():
-    """The Foundation acceptance check: `train.py --config NO.SUCH_KEY=1`."""
+    """`train.py --config NO.SUCH_KEY=1` fails in one line naming the key."""
     p = subprocess.run([sys.executable, 'train.py', '--config', 'NO.SUCH_KEY=1'], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
