@@ -23,8 +23,8 @@ from tensorpack.tfutils.varreplace import custom_getter_scope
 from tensorpack.utils.argtools import get_data_format
 
 from config import config as cfg
-from utils.compat import frozen_variable_getter
 from config_defaults import DEPTHS, TRAINABLE_LAYERS
+from utils.compat import frozen_variable_getter
 
 __all__ = ['GroupNorm', 'num_blocks_for_depth', 'block_func_for_depth', 'num_frozen_stages',
            'backbone_scope', 'resnet_c4_backbone', 'resnet_conv5', 'resnet_fpn_backbone',
