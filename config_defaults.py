@@ -98,12 +98,14 @@ _C.PREPROC.HORIZONTAL_FLIP = True
 _C.RPN.ANCHOR_STRIDE = 16       # C4 only
 _C.RPN.ANCHOR_SIZES = (32, 64, 128, 256, 512)
 _C.RPN.ANCHOR_RATIOS = (0.5, 1., 2.)
+# Anchor labels: IoU >= POSITIVE with some gt is foreground, < NEGATIVE with all is
+# background; BATCH_PER_IM labels are sampled per image, at most FG_RATIO foreground.
 _C.RPN.POSITIVE_ANCHOR_THRESH = 0.7
 _C.RPN.NEGATIVE_ANCHOR_THRESH = 0.3
 _C.RPN.FG_RATIO = 0.5
 _C.RPN.BATCH_PER_IM = 256
-_C.RPN.MIN_SIZE = 0.
-_C.RPN.PROPOSAL_NMS_THRESH = 0.7
+_C.RPN.MIN_SIZE = 0.            # proposals keep width and height > this (pixels)
+_C.RPN.PROPOSAL_NMS_THRESH = 0.7  # NMS IoU among proposals
 _C.RPN.CROWD_OVERLAP_THRESH = 9.99  # anchors overlapping crowd regions more are ignored
 _C.RPN.HEAD_DIM = 1024          # C4 RPN conv channels (FPN uses FPN.NUM_CHANNEL)
 # C4: top-k before and after NMS; FPN: PER_LEVEL_NMS_TOPK per level, then POST_NMS_TOPK.
