@@ -1,14 +1,25 @@
-"""The command-line side of the config, shared by every entry point.
+"""What every entry point shares: the config's command line and the user errors.
 
 ``add_config_arguments`` declares ``--config-file`` and ``--config``; ``setup_config``
 registers the datasets and applies them in that order, then finalises the tree.
-train.py, predict.py and the bench scripts use both; a user's own script can too.
+``USER_ERRORS`` are the exceptions an entry point reports as one "Error: ..." line.
+train.py, predict.py and the bench scripts use them; a user's own script can too.
+Only entry points import this module.
 """
+import utils.compat  # noqa: F401  (before anything imports TensorFlow)
+
 import os
 
-from config import config as cfg, finalize_configs
+from common import ImageReadError
+from config import ConfigError, config as cfg, finalize_configs
+from dataset import DatasetError, DatasetRegistry, DatasetRegistryError, register_builtin_datasets
+from utils.training import TrainingDiverged, UserInputError
 
-__all__ = ['add_config_arguments', 'setup_config']
+__all__ = ['USER_ERRORS', 'add_config_arguments', 'setup_config']
+
+# What an entry point reports as one "Error: ..." line instead of a traceback.
+USER_ERRORS = (UserInputError, TrainingDiverged, ConfigError, DatasetRegistryError,
+               DatasetError, FileNotFoundError, ImageReadError)
 
 
 def add_config_arguments(parser):
@@ -29,7 +40,6 @@ def setup_config(args, is_training, num_gpus=None):
     Raises:
         ConfigError: naming the offending key.
     """
-    from dataset import DatasetRegistry, register_builtin_datasets
     if args.config_file:
         cfg.load_yaml(args.config_file)
     cfg.update_args(args.config)

@@ -12,15 +12,8 @@ import logging
 import os
 import sys
 
-from cli import add_config_arguments, setup_config
-from common import ImageReadError
-from config import ConfigError, config as cfg
-from dataset import DatasetError, DatasetRegistryError
-from utils.training import TrainingDiverged, UserInputError
-
-# What train.py reports as one "Error: ..." line instead of a traceback.
-USER_ERRORS = (UserInputError, TrainingDiverged, ConfigError, DatasetRegistryError,
-               DatasetError, FileNotFoundError, ImageReadError)
+from cli import USER_ERRORS, add_config_arguments, setup_config
+from config import config as cfg
 
 
 def parse_args(argv=None):
@@ -100,7 +93,7 @@ def train(args):
     from scratch), and train to the end of the scaled schedule.
 
     Raises:
-        one of USER_ERRORS on input the user can fix, or TrainingDiverged.
+        one of cli.USER_ERRORS on input the user can fix, or TrainingDiverged.
     """
     setup_config(args, is_training=True)
 

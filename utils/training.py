@@ -3,6 +3,8 @@ loss guard, host memory, log and config files.
 
 Nothing here builds the model; train.py wires these into one tensorpack trainer.
 """
+import utils.compat  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+
 import filecmp
 import glob
 import logging
