@@ -259,13 +259,14 @@ def training_config_file(load):
 def main(args):
     from dataset import DatasetRegistryError
     from utils.training import UserInputError, WeightsLoader
+    run_config = training_config_file(args.load)
     if args.config_file is None:
         # The training run's own config: same channels, channel order and model shape
         # (a model trained on BGR must never be fed RGB by a forgotten flag).
-        args.config_file = training_config_file(args.load)
+        args.config_file = run_config
         if args.config_file:
             print('predict.py: using the training config {}'.format(args.config_file))
-    setup_config(args, is_training=False)
+    setup_config(args, is_training=False, run_config=run_config)
     try:
         weights = WeightsLoader(args.load)  # reads the file now: a bad path fails here
         return run(args, weights)

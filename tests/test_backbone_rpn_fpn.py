@@ -362,7 +362,7 @@ def test_generate_fpn_proposals(config, mode, training):
     config.RPN.TRAIN_PER_LEVEL_NMS_TOPK = config.RPN.TEST_PER_LEVEL_NMS_TOPK = 15
     rng = np.random.RandomState(3)
     anchors = get_all_anchors_fpn((4, 8, 16, 32, 64), (32, 64, 128, 256, 512), (0.5, 1., 2.),
-                                  128)
+                                  128, 0.)
     with tf.Graph().as_default(), TowerContext('', is_training=training):
         boxes = [model_box.decode_bbox_target(
             tf.constant(rng.normal(0, 0.2, a.shape).astype(np.float32)), tf.constant(a))
@@ -377,7 +377,7 @@ def test_generate_fpn_proposals(config, mode, training):
 def test_rpn_anchors_narrow_and_losses(config):
     h, w = 64, 96
     all_anchors = get_all_anchors_fpn((4, 8, 16, 32, 64), (32, 64, 128, 256, 512),
-                                      (0.5, 1., 2.), 128)
+                                      (0.5, 1., 2.), 128, 0.)
     with tf.Graph().as_default(), TowerContext('', is_training=True):
         feats, _ = _fake_features('NHWC', h, w, channels=(8, 8, 8, 8))
         feats.append(tf.zeros([1, 1, 2, 8]))  # P6
