@@ -402,8 +402,8 @@ def test_rpn_anchors_narrow_and_losses(config):
         grads = tf.gradients(losses, box_logits)
         vals = _run([[a.boxes for a in narrowed], losses, decoded, grads], feed)
     assert [v.shape[:2] for v in vals[0]] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
-    # P3 (stride 8), cell (y=2, x=3), ratio 1 of size 64: centred at (3.5 * 8, 2.5 * 8)
-    np.testing.assert_allclose(vals[0][1][2, 3, 1], [28 - 32, 20 - 32, 28 + 32, 20 + 32])
+    # P3 (stride 8), cell (y=2, x=3), ratio 1 of size 64: centred at (3 * 8, 2 * 8)
+    np.testing.assert_allclose(vals[0][1][2, 3, 1], [24 - 32, 16 - 32, 24 + 32, 16 + 32])
     assert np.all(np.isfinite(vals[1])) and vals[1][1] > 0
     assert all(np.all(np.isfinite(g)) for g in vals[3]) and np.any(vals[3][0] != 0)
     np.testing.assert_allclose(vals[2][0, 0, 0], [1., 2., 30., 40.], atol=1e-4)
