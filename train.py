@@ -33,14 +33,15 @@ def parse_args(argv=None):
 def setup_config(args, is_training, run_config=None):
     """Register datasets, apply --config-file then --config, finalise (ConfigError if bad).
 
-    ``run_config``: the config.yaml of the run being resumed or predicted with, or None.
-    Keys it lacks (it was written before they existed) first get the value that keeps the
-    old behaviour (``config.LEGACY_VALUES``, e.g. the old anchor layout); --config-file
-    and --config still override them.
+    ``run_config``: the config.yaml of the run being resumed or predicted with (None or a
+    missing file: a new run). Keys it lacks (it was written before they existed) first get
+    the value that keeps the old behaviour (``config.LEGACY_VALUES``, e.g. the old anchor
+    layout); --config-file and --config still override them.
     """
     from dataset import register_builtin_datasets
-    for key, value in (legacy_values(run_config) if run_config else {}).items():
-        cfg.set_value(key, value)
+    if run_config and os.path.isfile(run_config):
+        for key, value in legacy_values(run_config).items():
+            cfg.set_value(key, value)
     if args.config_file:
         cfg.load_yaml(args.config_file)
     cfg.update_args(args.config)
@@ -55,9 +56,7 @@ def train(args):
     Raises:
         one of utils.training.USER_ERRORS on input the user can fix, or TrainingDiverged.
     """
-    run_config = os.path.join(args.logdir, 'config.yaml')
-    setup_config(args, is_training=True,
-                 run_config=run_config if os.path.isfile(run_config) else None)
+    setup_config(args, is_training=True, run_config=os.path.join(args.logdir, 'config.yaml'))
 
     import tensorflow as tf
     from tensorpack import logger

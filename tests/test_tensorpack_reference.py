@@ -288,3 +288,41 @@ def test_predict_uses_old_layout_of_old_run(default_cfg, tmp_path, monkeypatch):
     cfg.freeze(False)  # predict.py's config is fresh in a new process
     assert predict.main(predict.parse_args(argv + ['--config', 'RPN.ANCHOR_OFFSET=0.25'])) == 0
     assert seen['offset'] == 0.25
+
+
+def test_tensorpack_zoo_config_sets_tensorpack_conventions(default_cfg):
+    """configs/tensorpack_zoo.yaml: every convention key at tensorpack's behaviour, and
+    the fixture's resize through predict_image's path is tensorpack's input exactly."""
+    import eval as ev
+    cfg.load_yaml(os.path.join(ROOT, 'configs', 'tensorpack_zoo.yaml'))
+    assert (cfg.RPN.ANCHOR_OFFSET, cfg.BACKBONE.C4_PAD_INPUT, cfg.FRCNN.DECODE_CLIP_SIZE,
+            cfg.RPN.DROP_EMPTY_PROPOSALS, cfg.TEST.MASK_PASTE) == (0., False, 0., False, 'zeros')
+    assert cfg.PREPROC.MAX_SIZE == 1344 and cfg.PREPROC.RESIZE_UINT8
+    assert cfg.TEST.ISOTROPIC_SCALE_BACK
+    info = _resize_info()
+    cfg.PREPROC.TEST_SHORT_EDGE_SIZE, cfg.PREPROC.MAX_SIZE = info['short_edge'], info['max_size']
+    seen = []
+    img = read_image(os.path.join(FIXTURE, 'image.png'), 3, 'BGR')
+    ev.predict_image(img, lambda x: seen.append(x) or (np.zeros((0, 4), np.float32),
+                                                       np.zeros(0, np.float32),
+                                                       np.zeros(0, np.int32)))
+    np.testing.assert_array_equal(seen[0], np.load(os.path.join(FIXTURE, 'image_resized.npy')))
+
+
+def test_resume_of_old_run_keeps_its_layout(default_cfg, tmp_path):
+    """train.py resuming a log directory whose config.yaml predates RPN.ANCHOR_OFFSET: the
+    user's config file (without the key) does not switch the run to the new layout."""
+    import argparse
+    from train import setup_config
+    tree = cfg.to_dict()
+    del tree['RPN']['ANCHOR_OFFSET']
+    run_config = tmp_path / 'config.yaml'
+    run_config.write_text(yaml.safe_dump(tree))
+    args = argparse.Namespace(config_file=os.path.join(ROOT, 'configs', 'shapes_demo.yaml'),
+                              config=[])
+    setup_config(args, is_training=False, run_config=str(run_config))
+    assert cfg.RPN.ANCHOR_OFFSET == 0.5 and not cfg.BACKBONE.C4_PAD_INPUT
+    cfg.freeze(False)
+    cfg.RPN.ANCHOR_OFFSET = 0.
+    setup_config(args, is_training=False, run_config=str(tmp_path / 'missing.yaml'))  # new run
+    assert cfg.RPN.ANCHOR_OFFSET == 0.
