@@ -11,7 +11,6 @@ variant also goes through the SavedModel export. Also here: the pre/post-process
 conventions (uint8 resize, isotropic scale-back) against the fixture's image_resize.json,
 and old runs' config.yaml files keeping the anchor layout they were trained with.
 """
-import functools
 import importlib.util
 import json
 import os
@@ -24,6 +23,7 @@ import yaml
 from common import read_image, resize_shortest_edge
 from config import config as cfg, finalize_configs, legacy_values
 from dataset import DatasetRegistry
+from tiny import _restore, _snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, '..', 'shared', 'fixtures', 'tensorpack_reference')
@@ -50,13 +50,10 @@ def _fixture_module(name):
 @pytest.fixture
 def default_cfg():
     """The config at its defaults (as imported), unfrozen; restored afterwards."""
-    frozen = cfg.is_frozen()
+    saved, frozen = _snapshot(), cfg.is_frozen()
     cfg.freeze(False)
-    saved = {k: functools.reduce(getattr, k.split('.'), cfg) for k in cfg.flat_keys()}
     yield cfg
-    cfg.freeze(False)
-    for k, v in saved.items():
-        cfg.set_value(k, v)
+    _restore(saved)
     cfg.freeze(frozen)
 
 
