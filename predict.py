@@ -9,7 +9,9 @@
 
 --load takes a checkpoint directory (its latest checkpoint), a checkpoint prefix or an .npz.
 The config is the training run's own (the config.yaml that train.py wrote next to the
-checkpoint) unless --config-file is given; --config overrides apply on top. Images are read
+checkpoint) unless --config-file is given; --config overrides apply on top. Keys that
+run's config.yaml lacks (written before they existed) keep the behaviour it was trained
+with (config.LEGACY_VALUES, e.g. the anchor layout). Images are read
 exactly as in training (common.read_image), in the channel order the model was trained on.
 
 Exit status: 2 for a bad --load path, dataset name or existing --export-savedmodel folder,

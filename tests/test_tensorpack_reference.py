@@ -265,7 +265,6 @@ def test_predict_uses_old_layout_of_old_run(default_cfg, tmp_path, monkeypatch):
     """predict.py on an old run's folder: the run's config.yaml without RPN.ANCHOR_OFFSET
     gives the old 0.5 layout; --config still overrides it."""
     import predict
-    from dataset import register_builtin_datasets  # noqa: F401  (setup_config registers)
     run = tmp_path / 'run'
     run.mkdir()
     tree = cfg.to_dict()
