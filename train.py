@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from config import config as cfg, finalize_configs
+from config import config as cfg, finalize_configs, legacy_values
 from utils.training import USER_ERRORS
 
 
@@ -30,9 +30,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def setup_config(args, is_training):
-    """Register datasets, apply --config-file then --config, finalise (ConfigError if bad)."""
+def setup_config(args, is_training, run_config=None):
+    """Register datasets, apply --config-file then --config, finalise (ConfigError if bad).
+
+    ``run_config``: the config.yaml of the run being resumed or predicted with (None or a
+    missing file: a new run). Keys it lacks (it was written before they existed) first get
+    the value that keeps the old behaviour (``config.LEGACY_VALUES``, e.g. the old anchor
+    layout); --config-file and --config still override them.
+    """
     from dataset import register_builtin_datasets
+    if run_config and os.path.isfile(run_config):
+        for key, value in legacy_values(run_config).items():
+            cfg.set_value(key, value)
     if args.config_file:
         cfg.load_yaml(args.config_file)
     cfg.update_args(args.config)
@@ -47,7 +56,7 @@ def train(args):
     Raises:
         one of utils.training.USER_ERRORS on input the user can fix, or TrainingDiverged.
     """
-    setup_config(args, is_training=True)
+    setup_config(args, is_training=True, run_config=os.path.join(args.logdir, 'config.yaml'))
 
     import tensorflow as tf
     from tensorpack import logger
