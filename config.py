@@ -9,11 +9,11 @@ freezes the tree. Tests override keys with ``cfg.override([...])`` (tests/confte
 import difflib
 
 import config_defaults as D
-from config_defaults import config
-from config_tree import ConfigError, parse_value
+from config_defaults import LEGACY_VALUES, config
+from config_tree import ConfigError, parse_value, read_yaml_leaves
 
 __all__ = ['config', 'cfg', 'finalize_configs', 'ConfigError', 'parse_value',
-           'default_data_format']
+           'default_data_format', 'legacy_values', 'LEGACY_VALUES']
 
 cfg = _C = config
 
@@ -27,6 +27,7 @@ _CHOICES = (('TRAINER', D.TRAINERS), ('BACKBONE.DEPTH', D.DEPTHS), ('BACKBONE.NO
             ('BACKBONE.FREEZE_AT', D.FREEZE_AT), ('BACKBONE.TRAINABLE', D.TRAINABLE_LAYERS),
             ('BACKBONE.DATA_FORMAT', D.DATA_FORMATS), ('FPN.NORM', D.FPN_NORMS),
             ('FPN.PROPOSAL_MODE', D.PROPOSAL_MODES), ('TRAIN.PRECISION', D.PRECISIONS),
+            ('TEST.MASK_PASTE', D.MASK_PASTE_MODES),
             ('PREPROC.IMAGE_CHANNELS', D.IMAGE_CHANNELS),
             ('PREPROC.CHANNEL_ORDER', D.CHANNEL_ORDERS),
             ('FPN.FRCNN_HEAD_FUNC', D.FRCNN_HEAD_FUNCS),
@@ -58,6 +59,13 @@ def _validate():
     _check_choices()
     if C.CASCADE.ENABLED and not C.MODE_FPN:
         _fail('CASCADE.ENABLED=True needs MODE_FPN=True (the cascade heads are FPN heads).')
+    if not 0 <= C.RPN.ANCHOR_OFFSET < 1:
+        _fail('RPN.ANCHOR_OFFSET must be in [0, 1) (fraction of a stride), got {}.'.format(
+            C.RPN.ANCHOR_OFFSET))
+    if C.FRCNN.DECODE_CLIP_SIZE < 0:
+        _fail('FRCNN.DECODE_CLIP_SIZE must be >= 0 (0: PREPROC.MAX_SIZE).')
+    if C.PREPROC.RESIZE_UINT8 and C.PREPROC.IMAGE_CHANNELS == 4:
+        _fail('PREPROC.RESIZE_UINT8=True would round the 4th (depth) channel: use False.')
     if len(C.CASCADE.IOUS) != len(C.CASCADE.BBOX_REG_WEIGHTS):
         _fail('CASCADE.IOUS and CASCADE.BBOX_REG_WEIGHTS must have the same length.')
 
@@ -114,6 +122,12 @@ def _derive_classes(registry):
                           .format(name, e)) from None
     _C.DATA.CLASS_NAMES = ['BG'] + names
     _C.DATA.NUM_CATEGORY = len(names)
+
+
+def legacy_values(run_config_path):
+    """{key: old value} for the ``LEGACY_VALUES`` keys a run's config.yaml lacks."""
+    present = read_yaml_leaves(run_config_path)
+    return {k: v for k, v in LEGACY_VALUES.items() if k not in present}
 
 
 def default_data_format(num_gpus):
