@@ -232,5 +232,5 @@ def test_cli_missing_basedir(tmp_path):
                    "DATA.TRAIN=balloon_train", "DATA.VAL=[]", "--output-dir", str(tmp_path))
     assert res.returncode != 0
     assert "Traceback" not in res.stderr + res.stdout
-    errors = [line for line in res.stderr.splitlines() if line.startswith("ERROR")]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "via_region_data.json" in errors[0], res.stderr

@@ -187,9 +187,10 @@ def test_bad_load_path_is_one_clear_line(tmp_path):
     missing = str(tmp_path / 'no_such_checkpoint')
     p = run_script(['predict.py', '--load', missing, '--config'] + TINY +
                    ['--predict', str(tmp_path)])
-    assert p.returncode == 2
+    assert p.returncode == 1
     assert 'Traceback' not in p.stderr
-    assert missing in p.stderr.strip().splitlines()[-1]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith('Error: ') and missing in last
 
 
 def test_expand_inputs_files_folders_globs_and_home(tmp_path, monkeypatch):
