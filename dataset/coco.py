@@ -215,14 +215,14 @@ def register_coco_json(name, json_file, image_dir, class_names=None, category_id
     (class c is named ``class_names[c - 1]`` and has the json id ``category_ids[c - 1]``).
 
     The json is read once here to take them from its ``categories`` (sorted by id, without
-    ``drop_category_ids``), unless ``class_names`` and ``category_ids`` are given, in which
-    case nothing is read until the split is used; then a mismatch with the json replaces
-    the metadata (logged).
+    ``drop_category_ids``), unless ``class_names`` is given, in which case nothing is read
+    until the split is used; then a mismatch with the json replaces the metadata (logged),
+    and ``category_ids`` (None: unknown until then) is registered.
 
     Raises:
         FileNotFoundError: ``class_names`` is None and ``json_file`` does not exist.
     """
-    if class_names is None or category_ids is None:
+    if class_names is None:
         cats = _sorted_categories(_load_json(json_file), json_file, set(drop_category_ids))
         class_names, category_ids = [c["name"] for c in cats], [c["id"] for c in cats]
 
@@ -238,7 +238,8 @@ def register_coco_json(name, json_file, image_dir, class_names=None, category_id
 
     DatasetRegistry.register(name, factory)
     DatasetRegistry.register_metadata(name, "class_names", list(class_names))
-    DatasetRegistry.register_metadata(name, "category_ids", list(category_ids))
+    if category_ids is not None:
+        DatasetRegistry.register_metadata(name, "category_ids", list(category_ids))
 
 
 def register_coco(basedir):
