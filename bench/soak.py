@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -113,15 +114,16 @@ def main(argv=None):
     from tensorpack.utils import logger
 
     from utils.training import USER_ERRORS
-    logger.set_logger_dir(os.path.join('/tmp', 'soak-{}'.format(os.getpid())), action='d')
     try:
         harness.setup_config('r50-fpn', None, TINY + args.config, is_training=True)
     except USER_ERRORS as e:
         sys.exit('Error: {}'.format(e))
-    records = [summary('predict', soak_predict(args.images, args.every), args.warmup,
-                       args.max_growth),
-               summary('train', soak_train(args.steps, args.every), args.warmup,
-                       args.max_growth)]
+    with tempfile.TemporaryDirectory() as logdir:  # tensorpack's log, thrown away
+        logger.set_logger_dir(logdir, action='k')
+        records = [summary('predict', soak_predict(args.images, args.every), args.warmup,
+                           args.max_growth),
+                   summary('train', soak_train(args.steps, args.every), args.warmup,
+                           args.max_growth)]
     for record in records:
         record.update(cpu=harness.cpu_facts()['cpu'], load_avg=harness.load_average())
         print(json.dumps(record), flush=True)

@@ -59,10 +59,10 @@ def _unused_training_categories(entries, train_names, drop_unused):
     for data in datasets[1:]:  # used by any training split: a class
         unused = {i: n for i, n in unused.items() if i in
                   {c['id'] for c in unused_categories(data)}}
-    if not unused:
-        return set()
+    if not unused or len(unused) == len(datasets[0].get('categories', [])):
+        return set()  # no annotation at all: data.py reports that training has no images
     listed = ', '.join('{} "{}"'.format(i, n) for i, n in sorted(unused.items()))
-    if not drop_unused or len(unused) == len(datasets[0].get('categories', [])):
+    if not drop_unused:
         logger.warning('Categories used by no training annotation: %s. They stay classes '
                        'with no data (DATA.DROP_UNUSED_CATEGORIES=True leaves them out).',
                        listed)

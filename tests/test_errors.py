@@ -2,8 +2,9 @@
 config key, a bad value type, a missing file and an unregistered dataset, each caught
 before any graph is built (so each run costs about one TensorFlow import).
 
-train.py's own cases (and more) are in tests/test_train.py (BAD_COMMAND_LINES). bench/dense.py
-and bench/memory_knobs.py take no file argument: no missing-file case for them.
+train.py's own cases (and more) are in tests/test_train.py (BAD_COMMAND_LINES). bench/dense.py,
+bench/memory_knobs.py and bench/soak.py take no file argument: no missing-file case for them;
+memory_knobs.py runs dense.py's measurement, so one case shows its error path.
 """
 import concurrent.futures
 import os
@@ -37,6 +38,8 @@ ENTRY_POINTS = {  # name -> (command, the cases it supports)
     'bench/dense.py': (['bench/dense.py', '--instances', '10'],
                        [BAD_KEY, BAD_TYPE, UNKNOWN_DATASET]),
     'bench/memory_knobs.py': (['bench/memory_knobs.py', '--knobs', 'crop'], [BAD_KEY]),
+    'bench/soak.py': (['bench/soak.py', '--images', '1', '--steps', '1'],
+                      [BAD_KEY, BAD_TYPE, UNKNOWN_DATASET]),
 }
 CASES = [(name, k) for name, (_, cases) in ENTRY_POINTS.items() for k in range(len(cases))]
 
