@@ -45,7 +45,8 @@ def setup_config(args, is_training, run_config=None):
     if args.config_file:
         cfg.load_yaml(args.config_file)
     cfg.update_args(args.config)
-    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS)
+    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS,
+                              cfg.DATA.TRAIN, cfg.DATA.DROP_UNUSED_CATEGORIES)
     finalize_configs(is_training=is_training)
 
 
@@ -70,15 +71,18 @@ def train(args):
     from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
     from utils.training import (DUMP_WEIGHTS_ENV, DumpWeights, HostMemoryTracker, LRSetter,
                                 NonFiniteGuard, ScaledSchedule, WeightsLoader, add_log_file,
-                                find_resume_checkpoint, write_config)
+                                find_resume_checkpoint, plan_devices, write_config)
     from utils.precision import session_creator
 
     if cfg.TRAINER == 'horovod':
         import horovod.tensorflow as hvd
         hvd.init()
-        rank, num_devices, local_ranks = hvd.rank(), hvd.size(), hvd.local_size()
+        rank, local_ranks = hvd.rank(), hvd.local_size()
+        plan = plan_devices(cfg.TRAINER, cfg.TRAIN.NUM_GPUS, rank, hvd.size())
     else:
-        rank, num_devices, local_ranks = 0, max(cfg.TRAIN.NUM_GPUS, 1), 1
+        rank, local_ranks = 0, 1
+        plan = plan_devices(cfg.TRAINER, cfg.TRAIN.NUM_GPUS)
+    num_devices = plan.num_devices
     is_chief = rank == 0
     tf.compat.v1.set_random_seed(cfg.TRAIN.SEED + rank)
     schedule = ScaledSchedule(num_devices)
@@ -131,16 +135,16 @@ def train(args):
         callbacks.append(DumpWeights(os.environ[DUMP_WEIGHTS_ENV], rank))
 
     model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
-    dataflow = get_train_dataflow(shard=(rank, num_devices) if num_devices > 1 else None)
+    dataflow = get_train_dataflow(shard=plan.shard)
     traincfg = TrainConfig(
         model=model, data=None, dataflow=dataflow, callbacks=callbacks,
         steps_per_epoch=cfg.TRAIN.STEPS_PER_EPOCH, starting_epoch=starting_epoch,
         max_epoch=schedule.max_epoch, session_init=session_init,
         # threads shared fairly by the ranks on this machine; TRAIN.PRECISION's graph rewrite
         session_creator=session_creator(cfg.TRAIN.PRECISION, processes_per_machine=local_ranks))
-    if cfg.TRAINER == 'horovod':
+    if plan.trainer == 'horovod':
         trainer = HorovodTrainer(average=True)
-    elif num_devices > 1:
+    elif plan.trainer == 'replicated':
         trainer = SyncMultiGPUTrainerReplicated(num_devices, average=True, mode='nccl')
     else:
         trainer = SimpleTrainer()
