@@ -50,5 +50,6 @@ def setup_config(args, is_training, num_gpus=None, run_config=None):
     if args.config_file:
         cfg.load_yaml(args.config_file)
     cfg.update_args(args.config)
-    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS)
+    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS,
+                              cfg.DATA.TRAIN, cfg.DATA.DROP_UNUSED_CATEGORIES)
     finalize_configs(is_training=is_training, num_gpus=num_gpus, registry=DatasetRegistry)

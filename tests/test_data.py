@@ -17,7 +17,7 @@ from config import config as cfg
 from dataset import DatasetRegistry
 from tests.tiny import ListSplit
 from utils.anchors import get_all_anchors, padded_size
-from utils.graph_inputs import input_names
+from utils.graph_inputs import fpn_levels, input_names
 from utils.np_box_ops import pairwise_iou
 
 BALLOON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -433,3 +433,26 @@ def test_balloon_images(tiny_cfg):
         dp = dict(zip(names, dp))
         _check_datapoint(dp, True, True, len(dp['gt_boxes']))
         assert len(dp['gt_boxes']) >= 1 and dp['gt_masks'].mean() > 0.3  # balloons fill boxes
+
+
+
+def test_crowd_anchors_ignored_only_when_the_option_is_on(tiny_cfg, tmp_path):
+    """RPN.CROWD_OVERLAP_THRESH <= 1: anchors over a crowd region are neither positive nor
+    negative (-1); off (> 1, the default): the same anchors are background (0)."""
+    roidb = _write_scene(str(tmp_path / 'scene.png'))
+    roidb['is_crowd'] = np.int8([1, 0])  # the triangle is a crowd region
+    cfg.PREPROC.HORIZONTAL_FLIP = False
+    cfg.RPN.BATCH_PER_IM = 10 ** 6  # no subsampling: every label is the matching's
+
+    def labels(thresh):
+        cfg.RPN.CROWD_OVERLAP_THRESH = thresh
+        dp = data.TrainingDataPreprocessor(seed=0)(roidb)
+        return np.concatenate([dp['anchor_labels_lvl{}'.format(lv)].ravel()
+                               for lv in fpn_levels(cfg.FPN.ANCHOR_STRIDES)])
+    on, off = labels(0.7), labels(9.99)
+    ignored = (on == -1) & (off != -1)
+    assert ignored.sum() >= 10
+    assert (off[ignored] == 0).all()  # background without the option
+    np.testing.assert_array_equal(on[~ignored], off[~ignored])  # nothing else changes
+    roidb['is_crowd'] = np.int8([0, 0])
+    assert ((labels(0.7) == -1) == (labels(9.99) == -1)).all()  # no crowd: no effect
