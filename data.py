@@ -22,6 +22,7 @@ from config import config as cfg
 from dataset import DatasetError, DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
 from utils.np_box_ops import max_coverage, max_iou_over_gt
+from utils.serialized_list import SerializedList
 
 # msgpack-numpy between data workers and the trainer. tensorpack reads this variable when
 # it is first imported, so this only helps if nothing imported tensorpack before us
@@ -388,7 +389,9 @@ def get_train_dataflow(shard=None):
 
     rank = shard[0] if shard is not None else 0
     preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank)
-    ds = DataFromList(roidbs, shuffle=True)
+    # One pickled buffer, not millions of Python objects: the forked workers' shared pages
+    # are never written, so their memory does not grow (utils/serialized_list.py).
+    ds = DataFromList(SerializedList(roidbs), shuffle=True)
     workers = cfg.DATA.NUM_WORKERS
     if workers > 0:
         _check_serializer()
