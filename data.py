@@ -8,6 +8,8 @@ Coordinates are x1y1x2y2 in pixels of the resized image fed to the graph, floati
 convention (pixel i covers [i, i+1)). Output names, dtypes and shapes follow NOTES.md
 ("Graph inputs"); `input_names` gives their order in each datapoint.
 """
+import ctypes
+import gc
 import itertools
 import logging
 import math
@@ -347,6 +349,17 @@ def _has_usable_box(roidb):
     return bool(ok.any())
 
 
+def _release_freed_memory():
+    """Give the heap freed by the json and the roidb objects back to the OS (glibc), so
+    that forked workers do not inherit it: the main process would reuse and so write to
+    those pages, turning them into private copies in every worker."""
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _check_serializer():
     from tensorpack.dataflow import parallel_map
     from tensorpack.utils.serialize import MsgpackSerializer
@@ -392,6 +405,8 @@ def get_train_dataflow(shard=None):
     # One pickled buffer, not millions of Python objects: the forked workers' shared pages
     # are never written, so their memory does not grow (utils/serialized_list.py).
     ds = DataFromList(SerializedList(roidbs), shuffle=True)
+    del roidbs
+    _release_freed_memory()
     workers = cfg.DATA.NUM_WORKERS
     if workers > 0:
         _check_serializer()

@@ -1,0 +1,124 @@
+"""Evaluation shared by devices and Horovod ranks: shards, the gather, the merge.
+
+Shards are contiguous and taken in order, so the merged results are in image order,
+exactly the list one process produces: COCOeval breaks score ties by that order, so the
+AP of N ranks is identical to one process's, not merely close. Results travel with
+Horovod's allgather (no shared filesystem needed across machines).
+"""
+import os
+import pickle
+import sys
+
+import numpy as np
+
+__all__ = ['shard_bounds', 'merge_shards', 'horovod_rank_size', 'horovod_allgather',
+           'init_horovod_if_launched']
+
+# Variables a Horovod launcher sets to the number of processes (Gloo, Open MPI, MPICH).
+_SIZE_VARIABLES = ('HOROVOD_SIZE', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE')
+_LOCAL_RANK_VARIABLES = ('HOROVOD_LOCAL_RANK', 'OMPI_COMM_WORLD_LOCAL_RANK', 'MPI_LOCALRANKID')
+
+
+def shard_bounds(num_items, num_shards):
+    """Split range(num_items) into ``num_shards`` contiguous, ordered shards.
+
+    Every item is in exactly one shard; sizes differ by at most one (the first
+    ``num_items % num_shards`` shards take one more); shards may be empty.
+
+    Returns:
+        list of num_shards (start, end) pairs, shard k = items start..end-1.
+    """
+    if num_shards < 1:
+        raise ValueError('num_shards must be >= 1, got {}.'.format(num_shards))
+    base, extra = divmod(num_items, num_shards)
+    bounds, start = [], 0
+    for k in range(num_shards):
+        end = start + base + (1 if k < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def merge_shards(shards, num_items):
+    """Concatenate gathered shards in item order, checking that they tile the items.
+
+    Args:
+        shards: dicts with ``bounds`` (start, end), ``results`` and ``failures`` (lists),
+            one per shard, in any order.
+        num_items (int): how many items the shards must cover, each exactly once.
+    Returns:
+        (results, failures): the shards' lists concatenated in the order of ``bounds``.
+    Raises:
+        ValueError: a shard is missing, overlaps another or lies outside range(num_items).
+    """
+    shards = sorted(shards, key=lambda s: tuple(s['bounds']))
+    covered = 0
+    for s in shards:
+        start, end = s['bounds']
+        if start != covered or end < start:
+            raise ValueError('Shards do not tile the {} images: {} after image {}.'.format(
+                num_items, (start, end), covered))
+        covered = end
+    if covered != num_items:
+        raise ValueError('Shards cover {} of {} images.'.format(covered, num_items))
+    results = [r for s in shards for r in s['results']]
+    failures = [f for s in shards for f in s['failures']]
+    return results, failures
+
+
+def horovod_rank_size():
+    """(rank, size) of Horovod if this process initialised it, else (0, 1)."""
+    hvd = sys.modules.get('horovod.tensorflow')
+    if hvd is None or not hvd.is_initialized():
+        return 0, 1
+    return hvd.rank(), hvd.size()
+
+
+def horovod_allgather(obj, name='rcnn_allgather'):
+    """Every Horovod rank's ``obj`` (picklable), in rank order, on every rank.
+
+    Runs in a private graph and a CPU-only session: it works while the training graph is
+    finalised, and takes no GPU memory. Every rank must call it, in the same order.
+    """
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+    tf1 = tf.compat.v1
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    with tf.Graph().as_default():
+        data_in = tf1.placeholder(tf.uint8, [None])
+        size_in = tf1.placeholder(tf.int64, [1])
+        sizes_op = hvd.allgather(size_in, name=name + '_sizes')
+        data_op = hvd.allgather(data_in, name=name + '_data')
+        with tf1.Session(config=tf1.ConfigProto(device_count={'GPU': 0})) as sess:
+            sizes = sess.run(sizes_op, {size_in: [len(data)]})
+            gathered = sess.run(data_op, {data_in: data})
+    ends = np.cumsum(sizes)
+    return [pickle.loads(gathered[end - size:end].tobytes()) for size, end in zip(sizes, ends)]
+
+
+def _first_env_int(names):
+    for name in names:
+        if os.environ.get(name, '').strip().isdigit():
+            return int(os.environ[name])
+    return None
+
+
+def init_horovod_if_launched():
+    """Under a Horovod launcher with several processes (horovodrun, mpirun): initialise
+    Horovod and let this process see only its local GPU (the local-rank-th of
+    CUDA_VISIBLE_DEVICES, or of all GPUs). Call before TensorFlow touches a GPU.
+
+    Returns:
+        (rank, size); (0, 1) when not launched by Horovod (nothing is done).
+    """
+    size = _first_env_int(_SIZE_VARIABLES)
+    if size is None or size < 2:
+        return 0, 1
+    local_rank = _first_env_int(_LOCAL_RANK_VARIABLES) or 0
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    devices = visible.split(',') if visible else None
+    if devices is None or local_rank < len(devices):
+        os.environ['CUDA_VISIBLE_DEVICES'] = devices[local_rank] if devices else str(local_rank)
+    import horovod.tensorflow as hvd
+    hvd.init()
+    return hvd.rank(), hvd.size()
