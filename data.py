@@ -8,8 +8,6 @@ Coordinates are x1y1x2y2 in pixels of the resized image fed to the graph, floati
 convention (pixel i covers [i, i+1)). Output names, dtypes and shapes follow NOTES.md
 ("Graph inputs"); `input_names` gives their order in each datapoint.
 """
-import ctypes
-import gc
 import itertools
 import logging
 import math
@@ -23,6 +21,7 @@ from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape, flip_
 from config import config as cfg
 from dataset import DatasetError, DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
+from utils.forked import release_freed_memory, run_in_forked_process
 from utils.np_box_ops import max_coverage, max_iou_over_gt
 from utils.serialized_list import SerializedList
 
@@ -349,17 +348,6 @@ def _has_usable_box(roidb):
     return bool(ok.any())
 
 
-def _release_freed_memory():
-    """Give the heap freed by the json and the roidb objects back to the OS (glibc), so
-    that forked workers do not inherit it: the main process would reuse and so write to
-    those pages, turning them into private copies in every worker."""
-    gc.collect()
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def _check_serializer():
     from tensorpack.dataflow import parallel_map
     from tensorpack.utils.serialize import MsgpackSerializer
@@ -368,20 +356,9 @@ def _check_serializer():
                        'before tensorpack is first imported.')
 
 
-def get_train_dataflow(shard=None):
-    """The training dataflow: lists ordered as `input_names(cfg.MODE_FPN, cfg.MODE_MASK)`.
-
-    Roidbs of every dataset in DATA.TRAIN are concatenated, images without a usable
-    non-crowd box dropped (DATA.FILTER_EMPTY_ANNOTATIONS), shuffled each epoch and
-    preprocessed by DATA.NUM_WORKERS processes (0: in this process). Skipped images
-    (unreadable, nothing left after augmentation) are logged and never yielded.
-
-    Args:
-        shard ((rank, size) or None): with Horovod, rank r takes every size-th image of one
-            fixed permutation (the same on every rank, so the shards are disjoint).
-    """
-    from tensorpack.dataflow import DataFromList, MapData, MultiProcessMapData
-
+def _training_roidbs(shard):
+    """Roidbs of DATA.TRAIN, filtered and sharded (see `get_train_dataflow`), in one
+    `SerializedList`. Raises DatasetError when no image is left."""
     roidbs = list(itertools.chain.from_iterable(
         DatasetRegistry.get(name).training_roidbs() for name in cfg.DATA.TRAIN))
     total = len(roidbs)
@@ -399,15 +376,34 @@ def get_train_dataflow(shard=None):
         raise DatasetError('No training images left in DATA.TRAIN={} (shard {}): every image '
                            'was filtered (see the counts above).'.format(list(cfg.DATA.TRAIN),
                                                                         shard))
-
-    rank = shard[0] if shard is not None else 0
-    preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank)
     # One pickled buffer, not millions of Python objects: the forked workers' shared pages
     # are never written, so their memory does not grow (utils/serialized_list.py).
-    ds = DataFromList(SerializedList(roidbs), shuffle=True)
-    del roidbs
-    _release_freed_memory()
+    return SerializedList(roidbs)
+
+
+def get_train_dataflow(shard=None):
+    """The training dataflow: lists ordered as `input_names(cfg.MODE_FPN, cfg.MODE_MASK)`.
+
+    Roidbs of every dataset in DATA.TRAIN are concatenated, images without a usable
+    non-crowd box dropped (DATA.FILTER_EMPTY_ANNOTATIONS), shuffled each epoch and
+    preprocessed by DATA.NUM_WORKERS processes (0: in this process). Skipped images
+    (unreadable, nothing left after augmentation) are logged and never yielded.
+
+    Args:
+        shard ((rank, size) or None): with Horovod, rank r takes every size-th image of one
+            fixed permutation (the same on every rank, so the shards are disjoint).
+    """
+    from tensorpack.dataflow import DataFromList, MapData, MultiProcessMapData
+
     workers = cfg.DATA.NUM_WORKERS
+    # With workers, the json and the roidb objects exist only in a short-lived child: the
+    # workers fork from a process that holds just the compact roidb buffer (utils/forked.py).
+    roidbs = (run_in_forked_process(_training_roidbs, shard) if workers > 0
+              else _training_roidbs(shard))
+    release_freed_memory()
+    rank = shard[0] if shard is not None else 0
+    preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank)
+    ds = DataFromList(roidbs, shuffle=True)
     if workers > 0:
         _check_serializer()
         ds = MultiProcessMapData(ds, num_proc=workers, map_func=preprocess,

@@ -336,12 +336,12 @@ def evaluate_on_dataset(name, model_func, output_file=None, horovod=False):
     funcs = list(model_func) if isinstance(model_func, (list, tuple)) else [model_func]
     rank, size = horovod_rank_size() if horovod else (0, 1)
     start, end = shard_bounds(len(roidbs), size)[rank]
-    desc = 'Evaluating {}'.format(name) + (' (rank {} of {})'.format(rank, size) if horovod else '')
+    desc = 'Evaluating ' + name + (' (rank {} of {})'.format(rank, size) if horovod else '')
     with get_tqdm(total=end - start, desc=desc) as bar:
         results, failures = predict_roidbs(roidbs[start:end], funcs, bar)
     shards = [{'bounds': (start, end), 'results': results, 'failures': failures}]
     if size > 1:
-        shards = horovod_allgather(shards[0], name='eval_' + name)
+        shards = horovod_allgather(shards[0])
     if rank != 0:
         return None
     results, failures = merge_shards(shards, len(roidbs))

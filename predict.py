@@ -100,18 +100,24 @@ def output_stems(paths):
 def predict_config(weights, extra_outputs=()):
     """The PredictConfig of the configured model; ``weights``: a utils.training.WeightsLoader
     (None: freshly initialised weights, e.g. for benchmarks). Its session comes from
-    `utils.precision.session_creator` (threads, TRAIN.PRECISION's graph rewrite)."""
+    `utils.precision.session_creator` (threads, TRAIN.PRECISION's graph rewrite); under
+    horovodrun each rank takes its share of the cores and its local GPU."""
     from tensorpack import PredictConfig
 
     from eval import get_inference_output_names
     from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
+    from utils.distributed import horovod_local_rank_size
     from utils.precision import session_creator
     model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
+    local_rank, local_size = horovod_local_rank_size()
+    # all cores (tensorpack's default is 1 intra-op thread) and TRAIN.PRECISION's rewrite
+    creator = session_creator(cfg.TRAIN.PRECISION, processes_per_machine=local_size)
+    if local_size > 1 and cfg.TRAIN.NUM_GPUS > 0:  # one GPU per rank, as HorovodTrainer does
+        creator.config.gpu_options.visible_device_list = str(local_rank)
     return PredictConfig(
         model=model, session_init=weights, input_names=['image'],
         output_names=get_inference_output_names() + list(extra_outputs),
-        # all cores (tensorpack's default is 1 intra-op thread) and TRAIN.PRECISION's rewrite
-        session_creator=session_creator(cfg.TRAIN.PRECISION))
+        session_creator=creator)
 
 
 def build_predictor(weights, extra_outputs=()):
@@ -282,7 +288,7 @@ def main(args):
     from dataset import DatasetRegistryError
     from utils.distributed import init_horovod_if_launched
     from utils.training import UserInputError, WeightsLoader
-    init_horovod_if_launched()  # under horovodrun: one GPU per rank, --evaluate shared
+    init_horovod_if_launched()  # under horovodrun: --evaluate shared by the ranks
     if args.config_file is None:
         # The training run's own config: same channels, channel order and model shape
         # (a model trained on BGR must never be fed RGB by a forgotten flag).

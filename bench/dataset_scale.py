@@ -19,7 +19,8 @@ measures, each in a fresh process (`harness.run_isolated`):
     dataflow    per --workers W: `train.py`'s path to the first datapoint: imports_s
                 (Python, TensorFlow, tensorpack, config), roidbs_s (get_train_dataflow),
                 first_batch_s (workers forked, first datapoint), startup_s (all, from
-                process start); then main_rss_mb and workers_pss_mb (sum over the worker
+                process start), peak_rss_startup_mb (main process) and peak_rss_loader_mb
+                (the child that loads the roidbs, utils/forked.py); then main_rss_mb and workers_pss_mb (sum over the worker
                 processes of Pss in /proc/PID/smaps_rollup: shared pages counted once) after
                 the first batch, after each quarter of --batches more (quarters) and after
                 them, and after a full garbage collection in the main process (a long run
@@ -32,6 +33,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import sys
 import time
 
@@ -155,7 +157,8 @@ def measure_roidbs(json_file, basedir):
     def lap(name):
         nonlocal start
         now = time.perf_counter()
-        out[name + '_s'], out['rss_after_' + name + '_mb'] = round(now - start, 2), round(rss_mb(), 1)
+        out[name + '_s'] = round(now - start, 2)
+        out['rss_after_' + name + '_mb'] = round(rss_mb(), 1)
         start = now
     split = COCODetection(json_file, os.path.join(basedir, 'train2017'))
     lap('json_load')
@@ -188,6 +191,9 @@ def measure_dataflow(basedir, workers, batches, plain_list):
     start = time.perf_counter()
     df = data.get_train_dataflow()
     out['roidbs_s'] = round(time.perf_counter() - start, 2)
+    # the roidbs are built in a child process (utils/forked.py), joined by now
+    out['peak_rss_loader_mb'] = round(
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024., 1)
     start = time.perf_counter()
     df.reset_state()
     it = iter(df)

@@ -3,9 +3,10 @@
 Unit tests: the shards cover every image once (uneven counts too), the merge restores
 image order and rejects gaps; several devices in one process and simulated ranks (threads
 with a barrier standing in for Horovod's allgather) give exactly one process's results.
-Integration (about 100 s): a tiny model trained 3 steps by 2 Horovod ranks evaluates
-shapes_val at the end with both ranks; `predict.py --evaluate` on its checkpoint in one
-process and under `horovodrun -np 2` give the same per-image results and AP.
+Integration (about 2 minutes on 2 quiet cores): a tiny model trained 3 steps by 2 Horovod
+ranks evaluates shapes_val at the end with both ranks; `predict.py --evaluate` on its
+checkpoint in one process and under `horovodrun -np 2` give identical per-image results
+(every detection) and AP; the training-time results agree with them up to the last digit.
 """
 import importlib.util
 import json
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import threading
 
-import cv2
 import numpy as np
 import pytest
 
@@ -155,12 +155,38 @@ def printed_metrics(stdout):
                                                stdout, re.M)}
 
 
+def assert_same_detections(got, want):
+    """Every detection of ``got`` matches one of ``want`` on the same image and class, box
+    within 0.0011 px and score within 1.1e-5 (one unit of the json's rounding)."""
+    assert len(got) == len(want)
+    unmatched = {}
+    for d in want:
+        unmatched.setdefault((d['image_id'], d['category_id']), []).append(d)
+    for d in got:
+        pool = unmatched.get((d['image_id'], d['category_id']), [])
+        match = next((w for w in pool if abs(w['score'] - d['score']) <= 1.1e-5 and
+                      np.allclose(w['bbox'], d['bbox'], rtol=0, atol=1.1e-3)), None)
+        assert match is not None, d
+        pool.remove(match)
+
+
+def json_metrics(path):
+    """Metrics (full precision) of a COCO-format results json of train.py's shapes_val."""
+    from dataset import DatasetRegistry, register_shapes
+    register_shapes()  # train.py's shapes_val (tests/tiny.py registers a smaller one)
+    with open(path) as f:
+        dets = json.load(f)
+    results = [dict(d, bbox=[x, y, x + w, y + h]) for d in dets for x, y, w, h in [d['bbox']]]
+    return DatasetRegistry.get('shapes_val').eval_inference_results(results)
+
+
 def test_two_horovod_ranks_evaluate_like_one_process(tmp_path):
     launcher = horovodrun()
     logdir = str(tmp_path / 'log')
     p = run_train(logdir, TINY + [
         'TRAINER=horovod', 'TRAIN.REFERENCE_BATCH=2', 'TRAIN.BASE_LR=0.01', 'TRAIN.WARMUP=1',
-        'TRAIN.LR_SCHEDULE=(3,3,3)', 'TRAIN.STEPS_PER_EPOCH=3', 'TRAIN.EVAL_PERIOD=1'],
+        'TRAIN.LR_SCHEDULE=(3,3,3)', 'TRAIN.STEPS_PER_EPOCH=3', 'TRAIN.EVAL_PERIOD=1',
+        'TEST.RESULT_SCORE_THRESH=0.0'],  # 3 steps: keep every detection to compare
         env=ONE_THREAD, launcher=launcher)
     assert p.returncode == 0, fail_info(p)
     out = p.stdout + p.stderr
@@ -179,11 +205,19 @@ def test_two_horovod_ranks_evaluate_like_one_process(tmp_path):
         reference = json.load(f)
     with open(str(tmp_path / 'two.json')) as f:
         assert json.load(f) == reference  # every detection of every image, in order
-    assert len({d['image_id'] for d in reference}) > 50 and len(reference) > 100
-    assert during_training == reference
+    assert len({d['image_id'] for d in reference}) == 100 and len(reference) > 1000
+    # The training graph's predictor and predict.py's differ in the last float bit now and
+    # then (a different graph, optimised differently): the same detections up to the
+    # json's rounding, near-tied scores perhaps in another order.
+    assert_same_detections(during_training, reference)
     single, shared = printed_metrics(one.stdout), printed_metrics(two.stdout)
     assert AP_KEY.split('/', 1)[1] in single and len(single) > 6
-    assert shared == pytest.approx(single, abs=1e-6)
-    assert training_ap == pytest.approx(single[AP_KEY.split('/', 1)[1]], abs=1e-6)
+    assert shared == single
+    # full precision: 2 ranks (two.json is one.json) and during training (near-tied
+    # scores may come in another order, see above)
+    one_process = json_metrics(str(tmp_path / 'one.json'))
+    assert json_metrics(str(tmp_path / 'two.json')) == one_process
+    assert training_ap == pytest.approx(one_process['mAP(bbox)/IoU=0.5:0.95'], abs=1e-4)
+    assert single == pytest.approx(one_process, abs=5e-5)  # printed to 4 decimals
     # only rank 0 reports
     assert sum('shapes_val (results in' in ln for ln in two.stdout.splitlines()) == 1

@@ -11,12 +11,11 @@ import sys
 
 import numpy as np
 
-__all__ = ['shard_bounds', 'merge_shards', 'horovod_rank_size', 'horovod_allgather',
-           'init_horovod_if_launched']
+__all__ = ['shard_bounds', 'merge_shards', 'horovod_rank_size', 'horovod_local_rank_size',
+           'horovod_allgather', 'init_horovod_if_launched']
 
 # Variables a Horovod launcher sets to the number of processes (Gloo, Open MPI, MPICH).
 _SIZE_VARIABLES = ('HOROVOD_SIZE', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE')
-_LOCAL_RANK_VARIABLES = ('HOROVOD_LOCAL_RANK', 'OMPI_COMM_WORLD_LOCAL_RANK', 'MPI_LOCALRANKID')
 
 
 def shard_bounds(num_items, num_shards):
@@ -66,12 +65,21 @@ def merge_shards(shards, num_items):
     return results, failures
 
 
+def _initialised_horovod():
+    hvd = sys.modules.get('horovod.tensorflow')
+    return hvd if hvd is not None and hvd.is_initialized() else None
+
+
 def horovod_rank_size():
     """(rank, size) of Horovod if this process initialised it, else (0, 1)."""
-    hvd = sys.modules.get('horovod.tensorflow')
-    if hvd is None or not hvd.is_initialized():
-        return 0, 1
-    return hvd.rank(), hvd.size()
+    hvd = _initialised_horovod()
+    return (hvd.rank(), hvd.size()) if hvd else (0, 1)
+
+
+def horovod_local_rank_size():
+    """(rank, size) among the Horovod processes of this machine, else (0, 1)."""
+    hvd = _initialised_horovod()
+    return (hvd.local_rank(), hvd.local_size()) if hvd else (0, 1)
 
 
 def horovod_allgather(obj, name='rcnn_allgather'):
@@ -96,29 +104,16 @@ def horovod_allgather(obj, name='rcnn_allgather'):
     return [pickle.loads(gathered[end - size:end].tobytes()) for size, end in zip(sizes, ends)]
 
 
-def _first_env_int(names):
-    for name in names:
-        if os.environ.get(name, '').strip().isdigit():
-            return int(os.environ[name])
-    return None
-
-
 def init_horovod_if_launched():
-    """Under a Horovod launcher with several processes (horovodrun, mpirun): initialise
-    Horovod and let this process see only its local GPU (the local-rank-th of
-    CUDA_VISIBLE_DEVICES, or of all GPUs). Call before TensorFlow touches a GPU.
+    """Initialise Horovod when a Horovod launcher (horovodrun, mpirun) started this process
+    as one of several; a rank's GPU is then chosen by its session (`visible_device_list`).
 
     Returns:
         (rank, size); (0, 1) when not launched by Horovod (nothing is done).
     """
-    size = _first_env_int(_SIZE_VARIABLES)
-    if size is None or size < 2:
+    sizes = [os.environ.get(name, '').strip() for name in _SIZE_VARIABLES]
+    if not any(v.isdigit() and int(v) > 1 for v in sizes):
         return 0, 1
-    local_rank = _first_env_int(_LOCAL_RANK_VARIABLES) or 0
-    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
-    devices = visible.split(',') if visible else None
-    if devices is None or local_rank < len(devices):
-        os.environ['CUDA_VISIBLE_DEVICES'] = devices[local_rank] if devices else str(local_rank)
     import horovod.tensorflow as hvd
     hvd.init()
     return hvd.rank(), hvd.size()
