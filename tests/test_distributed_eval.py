@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import eval as ev
-from test_eval import coco_split, stand_in_cfg, test_cfg  # noqa: F401  (fixtures)
+from test_eval import add_corrupt_image, coco_split, stand_in_cfg, test_cfg  # noqa: F401
 from test_train import ROOT, fail_info, run_train
 from tiny import TINY
 from utils.distributed import merge_shards, shard_bounds
@@ -65,16 +65,6 @@ def colour_boxes(image):
             np.asarray([1, 2], np.int32), np.ones((2, 28, 28), np.float32)]
 
 
-def with_corrupt_image(tmp_path, json_file):
-    """Adds a fifth, unreadable image to the split: 5 images, uneven over 2 or 3 ranks."""
-    with open(json_file) as f:
-        gt = json.load(f)
-    gt['images'].append({'id': 99, 'file_name': 'corrupt.png', 'height': 48, 'width': 64})
-    (tmp_path / 'corrupt.png').write_bytes(b'not a png')
-    with open(json_file, 'w') as f:
-        json.dump(gt, f)
-
-
 class ThreadRanks:
     """Simulated Horovod: ``size`` threads, an allgather that waits for all of them."""
 
@@ -107,7 +97,7 @@ class ThreadRanks:
 def test_devices_and_ranks_give_one_process_results(stand_in_cfg, coco_split, tmp_path,
                                                     monkeypatch):
     name, json_file = coco_split
-    with_corrupt_image(tmp_path, json_file)
+    add_corrupt_image(tmp_path, json_file)  # 5 images: uneven over 2 or 3 ranks
     roidbs = ev.DatasetRegistry.get(name).inference_roidbs()
     single, single_failures = ev.predict_roidbs(roidbs, [colour_boxes])
     assert len(single) == 8 and len(single_failures) == 1
@@ -221,3 +211,19 @@ def test_two_horovod_ranks_evaluate_like_one_process(tmp_path):
     assert single == pytest.approx(one_process, abs=5e-5)  # printed to 4 decimals
     # only rank 0 reports
     assert sum('shapes_val (results in' in ln for ln in two.stdout.splitlines()) == 1
+
+
+def test_gpu_tower_predictors_split_the_images_alike():
+    """predict.py's one-predictor-per-GPU path, built here on CPU (soft placement puts both
+    towers on the CPU): tower 1 predicts like tower 0, and a split over both gives the
+    single tower's list."""
+    from predict import build_gpu_predictors
+    from tiny import configured
+    with configured(['TEST.RESULT_SCORE_THRESH=0.0'], is_training=False):
+        roidbs = ev.DatasetRegistry.get('shapes_val').inference_roidbs()
+        towers = build_gpu_predictors(None, 2)  # random weights, shared by the towers
+        assert len(towers) == 2
+        one, failures = ev.predict_roidbs(roidbs, towers[:1])
+        assert len(one) == 8 * 20 and not failures  # TEST.RESULTS_PER_IM=20 per image
+        assert ev.predict_roidbs(roidbs, towers[1:]) == (one, [])
+        assert ev.predict_roidbs(roidbs, towers) == (one, [])
