@@ -12,7 +12,7 @@ import pprint
 
 import yaml
 
-__all__ = ['config', 'cfg', 'finalize_configs', 'ConfigError']
+__all__ = ['config', 'cfg', 'finalize_configs', 'ConfigError', 'legacy_values']
 
 
 class ConfigError(ValueError):
@@ -128,24 +128,8 @@ class AttrDict:
 
     def load_yaml(self, path):
         """Apply every leaf of a YAML file (as written by ``save_yaml``)."""
-        if not os.path.isfile(path):
-            raise ConfigError('Config file "{}" does not exist.'.format(path))
-        with open(path) as f:
-            try:
-                tree = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError('Config file "{}" is not valid YAML: {}'.format(
-                    path, str(e).replace('\n', ' '))) from None
-        if not isinstance(tree, dict):
-            raise ConfigError('Config file "{}" must hold a mapping.'.format(path))
-
-        def walk(d, prefix):
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, prefix + str(k) + '.')
-                else:
-                    self.set_value(prefix + str(k), v)
-        walk(tree, '')
+        for key, value in read_yaml_leaves(path).items():
+            self.set_value(key, value)
 
     def save_yaml(self, path):
         """Write every leaf; keys derived from this machine are written as 'auto'."""
@@ -158,6 +142,42 @@ class AttrDict:
             node[leaf] = value
         with open(path, 'w') as f:
             yaml.safe_dump(tree, f, default_flow_style=None, sort_keys=False)
+
+
+def read_yaml_leaves(path):
+    """A YAML config file -> {dotted key: value} of its leaves (ConfigError if unreadable)."""
+    if not os.path.isfile(path):
+        raise ConfigError('Config file "{}" does not exist.'.format(path))
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError('Config file "{}" is not valid YAML: {}'.format(
+                path, str(e).replace('\n', ' '))) from None
+    if not isinstance(tree, dict):
+        raise ConfigError('Config file "{}" must hold a mapping.'.format(path))
+    leaves = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, prefix + str(k) + '.')
+            else:
+                leaves[prefix + str(k)] = v
+    walk(tree, '')
+    return leaves
+
+
+# Keys added with a new default behaviour, and the behaviour the code had before them. A
+# run's config.yaml (a full dump) that lacks one was trained and evaluated that old way.
+LEGACY_VALUES = {'RPN.ANCHOR_OFFSET': 0.5, 'BACKBONE.C4_PAD_INPUT': True,
+                 'FRCNN.DECODE_CLIP_SIZE': 1000., 'TEST.MASK_PASTE': 'edge'}
+
+
+def legacy_values(run_config_path):
+    """{key: old value} for the ``LEGACY_VALUES`` keys a run's config.yaml lacks."""
+    present = read_yaml_leaves(run_config_path)
+    return {k: v for k, v in LEGACY_VALUES.items() if k not in present}
 
 
 def parse_value(text):
@@ -218,6 +238,9 @@ _C.DATA.VAL = ('coco_val2017',)
 _C.DATA.COCO_JSON_SPLITS = []
 _C.DATA.NUM_CATEGORY = -1   # derived from the first training set's "class_names" metadata
 _C.DATA.CLASS_NAMES = []    # derived likewise; background is prepended as index 0
+# A COCO_JSON_SPLITS category that no training annotation uses (Roboflow's parent class,
+# labelme's _background_) is logged; True leaves it out of the classes of every json split.
+_C.DATA.DROP_UNUSED_CATEGORIES = True
 _C.DATA.FILTER_EMPTY_ANNOTATIONS = True
 _C.DATA.NUM_WORKERS = 4     # data worker processes; 0 runs the pipeline in the main process
 _C.DATA.MAX_GT_INSTANCES = 0  # >0: a random subset of this many instances per image (logged)
@@ -233,6 +256,10 @@ _C.BACKBONE.TRAINABLE = 'all'
 _C.BACKBONE.STRIDE_1X1 = False  # stride in the 1x1 conv of a bottleneck (Caffe-style weights)
 _C.BACKBONE.TF_PAD_MODE = False
 _C.BACKBONE.DATA_FORMAT = ''  # 'NHWC' or 'NCHW'; '' = NCHW on GPU, NHWC on CPU
+# C4 only. False (tensorpack): the image is not padded; a stride-2 shortcut drops an odd last
+# row/column, so res4 is floor(H / 16) x floor(W / 16). True: padded to a multiple of 16
+# first (res4 ceil(H / 16)), the layout of runs saved before this key existed.
+_C.BACKBONE.C4_PAD_INPUT = False
 
 # ---------------------------------------------------------------------------- training
 # The schedule below is the standard COCO 1x recipe, defined for a TOTAL batch of
@@ -267,18 +294,29 @@ _C.PREPROC.PIXEL_MEAN = [103.53, 116.28, 123.675]  # in CHANNEL_ORDER
 _C.PREPROC.PIXEL_STD = [57.375, 57.12, 58.395]
 _C.PREPROC.CROP_SIZE = 0        # >0: train on random CROP_SIZE x CROP_SIZE crops after resize
 _C.PREPROC.HORIZONTAL_FLIP = True
+_C.PREPROC.RESIZE_UINT8 = False  # True: round to uint8 before resizing, as tensorpack does
 
 # ---------------------------------------------------------------------------- RPN
 _C.RPN.ANCHOR_STRIDE = 16       # C4 only
 _C.RPN.ANCHOR_SIZES = (32, 64, 128, 256, 512)
 _C.RPN.ANCHOR_RATIOS = (0.5, 1., 2.)
+# Anchors of feature cell (y, x) are centred at ((x + OFFSET) * stride, (y + OFFSET) * stride):
+# 0 is tensorpack's and detectron2's layout (model-zoo weights need it); 0.5 is the layout of
+# runs saved before this key existed.
+_C.RPN.ANCHOR_OFFSET = 0.
 _C.RPN.POSITIVE_ANCHOR_THRESH = 0.7
 _C.RPN.NEGATIVE_ANCHOR_THRESH = 0.3
 _C.RPN.FG_RATIO = 0.5
 _C.RPN.BATCH_PER_IM = 256
 _C.RPN.MIN_SIZE = 0.
+# True (detectron2): proposals of width or height <= MIN_SIZE are always dropped, zero-size
+# ones (clipped away) included. False: only when MIN_SIZE > 0 (tensorpack).
+_C.RPN.DROP_EMPTY_PROPOSALS = True
 _C.RPN.PROPOSAL_NMS_THRESH = 0.7
-_C.RPN.CROWD_OVERLAP_THRESH = 9.99  # anchors overlapping crowd regions more are ignored
+# Anchors covered by a crowd box over more than this fraction of their area are ignored
+# (e.g. 0.7). Above 1 (the default, as Detectron, Detectron2 and tensorpack): off, crowd
+# regions count as background for the RPN.
+_C.RPN.CROWD_OVERLAP_THRESH = 9.99
 _C.RPN.HEAD_DIM = 1024          # C4 RPN conv channels (FPN uses FPN.NUM_CHANNEL)
 # C4: top-k before and after NMS; FPN: PER_LEVEL_NMS_TOPK per level, then POST_NMS_TOPK.
 _C.RPN.TRAIN_PRE_NMS_TOPK = 12000
@@ -292,6 +330,9 @@ _C.RPN.NUM_ANCHOR = -1          # derived
 # ---------------------------------------------------------------------------- Fast R-CNN
 _C.FRCNN.BATCH_PER_IM = 512
 _C.FRCNN.BBOX_REG_WEIGHTS = [10., 10., 5., 5.]
+# Every box decode (RPN, heads) clips dw, dh at log(X / 16): X = this, or PREPROC.MAX_SIZE
+# when 0 (tensorpack). 1000. is detectron2's and runs' saved before this key existed.
+_C.FRCNN.DECODE_CLIP_SIZE = 0.
 _C.FRCNN.FG_THRESH = 0.5
 _C.FRCNN.FG_RATIO = 0.25
 
@@ -323,6 +364,13 @@ _C.TEST.FRCNN_NMS_THRESH = 0.5
 _C.TEST.RESULT_SCORE_THRESH = 0.05
 _C.TEST.RESULT_SCORE_THRESH_VIS = 0.5  # only for drawing
 _C.TEST.RESULTS_PER_IM = 100
+# Boxes back to the original image: per axis (detectron2) or one isotropic sqrt(sy * sx)
+# (tensorpack), which differ by the rounding of the resized size.
+_C.TEST.ISOTROPIC_SCALE_BACK = False
+# Mask pasting, bilinear at pixel centres: 'zeros' (tensorpack's accurate paste, detectron2):
+# the mask fades to 0 beyond its outer cell centres; 'edge': the edge cells extend to the box
+# edges (runs saved before this key existed).
+_C.TEST.MASK_PASTE = 'zeros'
 
 _C.seal()  # the defaults are declared: from here on only existing keys can be set
 cfg = config
@@ -359,6 +407,15 @@ def _validate():
         _fail('TRAIN.PRECISION must be "fp32", "bf16" or "fp16".')
     if C.CASCADE.ENABLED and not C.MODE_FPN:
         _fail('CASCADE.ENABLED=True needs MODE_FPN=True (the cascade heads are FPN heads).')
+    if not 0 <= C.RPN.ANCHOR_OFFSET < 1:
+        _fail('RPN.ANCHOR_OFFSET must be in [0, 1) (fraction of a stride), got {}.'.format(
+            C.RPN.ANCHOR_OFFSET))
+    if C.FRCNN.DECODE_CLIP_SIZE < 0:
+        _fail('FRCNN.DECODE_CLIP_SIZE must be >= 0 (0: PREPROC.MAX_SIZE).')
+    if C.TEST.MASK_PASTE not in ('zeros', 'edge'):
+        _fail('TEST.MASK_PASTE must be "zeros" or "edge", got "{}".'.format(C.TEST.MASK_PASTE))
+    if C.PREPROC.RESIZE_UINT8 and C.PREPROC.IMAGE_CHANNELS == 4:
+        _fail('PREPROC.RESIZE_UINT8=True would round the 4th (depth) channel: use False.')
     if len(C.CASCADE.IOUS) != len(C.CASCADE.BBOX_REG_WEIGHTS):
         _fail('CASCADE.IOUS and CASCADE.BBOX_REG_WEIGHTS must have the same length.')
 

@@ -43,8 +43,11 @@ _BUFFER_PER_WORKER = 4
 
 
 def image_pad_multiple(mode_fpn):
-    """The graph pads H and W up to a multiple of this: 32 (FPN) or 16 (C4)."""
-    return 32 if mode_fpn else 16
+    """The graph pads H and W up to a multiple of this: 32 (FPN); C4: 16 with
+    cfg.BACKBONE.C4_PAD_INPUT, else 1 (no padding, as tensorpack)."""
+    if mode_fpn:
+        return 32
+    return 16 if cfg.BACKBONE.C4_PAD_INPUT else 1
 
 
 def _fpn_levels():
@@ -157,7 +160,10 @@ def _anchor_targets(image_shape, boxes, is_crowd, grids, rng):
 
 
 def _feature_shape(image_shape, mult, stride):
-    """(h, w) = ceil(padded / stride) of a feature map of ``stride`` (NOTES.md)."""
+    """(h, w) = ceil(padded / stride) of a feature map of ``stride`` (NOTES.md); floor(H /
+    stride) for an unpadded C4 input (mult 1), whose stride-2 layers drop an odd last row."""
+    if mult == 1:
+        return tuple(int(s) // stride for s in image_shape[:2])
     return tuple(int(math.ceil(padded_size(s, mult) / stride)) for s in image_shape[:2])
 
 
@@ -173,7 +179,7 @@ def get_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None):
     """
     mult, stride = image_pad_multiple(False), cfg.RPN.ANCHOR_STRIDE
     grid = get_all_anchors(stride, cfg.RPN.ANCHOR_SIZES, cfg.RPN.ANCHOR_RATIOS,
-                           _anchor_field_size(image_shape, mult))
+                           _anchor_field_size(image_shape, mult), cfg.RPN.ANCHOR_OFFSET)
     h, w = _feature_shape(image_shape, mult, stride)
     return _anchor_targets(image_shape, boxes, is_crowd, [grid[:h, :w]], rng)[0]
 
@@ -189,7 +195,8 @@ def get_multilevel_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None):
     """
     mult = image_pad_multiple(True)
     grids = get_all_anchors_fpn(cfg.FPN.ANCHOR_STRIDES, cfg.RPN.ANCHOR_SIZES,
-                                cfg.RPN.ANCHOR_RATIOS, _anchor_field_size(image_shape, mult))
+                                cfg.RPN.ANCHOR_RATIOS, _anchor_field_size(image_shape, mult),
+                                cfg.RPN.ANCHOR_OFFSET)
     sliced = []
     for stride, grid in zip(cfg.FPN.ANCHOR_STRIDES, grids):
         h, w = _feature_shape(image_shape, mult, stride)
@@ -288,7 +295,8 @@ class TrainingDataPreprocessor:
                            'on detection-only data).', roidb['file_name'])
 
         short = int(rng.integers(pre.TRAIN_SHORT_EDGE_SIZE[0], pre.TRAIN_SHORT_EDGE_SIZE[1] + 1))
-        img, (sy, sx) = resize_shortest_edge(img, short, pre.MAX_SIZE)
+        img, (sy, sx) = resize_shortest_edge(img, short, pre.MAX_SIZE,
+                                             uint8=pre.RESIZE_UINT8)
         boxes = scale_boxes(boxes, sy, sx)
         if segms is not None:
             segms = scale_polygons(segms, sy, sx)
@@ -376,9 +384,7 @@ def _training_roidbs(shard):
         raise DatasetError('No training images left in DATA.TRAIN={} (shard {}): every image '
                            'was filtered (see the counts above).'.format(list(cfg.DATA.TRAIN),
                                                                         shard))
-    # One pickled buffer, not millions of Python objects: the forked workers' shared pages
-    # are never written, so their memory does not grow (utils/serialized_list.py).
-    return SerializedList(roidbs)
+    return SerializedList(roidbs)  # one buffer, not millions of objects: no copy-on-read
 
 
 def get_train_dataflow(shard=None):
@@ -400,7 +406,7 @@ def get_train_dataflow(shard=None):
     # workers fork from a process that holds just the compact roidb buffer (utils/forked.py).
     roidbs = (run_in_forked_process(_training_roidbs, shard) if workers > 0
               else _training_roidbs(shard))
-    release_freed_memory()
+    release_freed_memory()  # what the main process freed, before the workers fork
     rank = shard[0] if shard is not None else 0
     preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank)
     ds = DataFromList(roidbs, shuffle=True)

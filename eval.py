@@ -11,7 +11,6 @@ never hold all of them at once. `paste_mask` computes only the box region of one
 COCO RLE right away, so evaluation holds one full-image mask at any time.
 """
 import collections
-import concurrent.futures
 import itertools
 import os
 import time
@@ -21,12 +20,11 @@ import tensorflow as tf
 from pycocotools import mask as mask_util
 from tensorpack.callbacks import Callback
 from tensorpack.utils import logger
-from tensorpack.utils.utils import get_tqdm
 
 from common import ImageReadError, clip_boxes, read_image, resize_shortest_edge, scale_boxes
 from config import config as cfg
 from dataset import DatasetRegistry
-from utils.distributed import horovod_allgather, horovod_rank_size, merge_shards, shard_bounds
+from utils.distributed import predict_on_devices, predict_on_ranks
 
 __all__ = ['DetectionResult', 'get_inference_output_names', 'paste_mask', 'iter_paste_masks',
            'encode_mask', 'paste_masks_rle', 'predict_image', 'predict_image_with_proposals',
@@ -82,17 +80,23 @@ def _interpolation_weights(coords, size):
     return weights
 
 
-def _paste_region(mask, box, shape, threshold):
-    """The box region of one pasted mask.
+def _paste_region(mask, box, shape, threshold, border):
+    """The box region of one pasted mask (see `paste_mask`).
 
     Returns:
         (y0, x0, region): region is bool [h, w] for the image pixels rows y0..y0+h-1 and
-        columns x0..x0+w-1, the pixels whose centre lies in the box; every pixel outside
-        it is 0 in the pasted mask.
+        columns x0..x0+w-1; every pixel outside it is 0 in the pasted mask.
     """
     mask = np.asarray(mask, dtype=np.float32)
     res_y, res_x = mask.shape
     x1, y1, x2, y2 = (float(v) for v in box)
+    if border == 'zeros':
+        # A ring of zero cells around the grid (and the box grown by one cell to cover it):
+        # the mask fades to 0 beyond its outer cell centres.
+        cw, ch = (x2 - x1) / res_x, (y2 - y1) / res_y
+        mask = np.pad(mask, 1)
+        res_y, res_x = res_y + 2, res_x + 2
+        x1, y1, x2, y2 = x1 - cw, y1 - ch, x2 + cw, y2 + ch
     # Pixel x has its centre inside [x1, x2) iff ceil(x1 - 0.5) <= x < ceil(x2 - 0.5).
     x0, xe = (int(np.clip(np.ceil(v - 0.5), 0, shape[1])) for v in (x1, x2))
     y0, ye = (int(np.clip(np.ceil(v - 0.5), 0, shape[0])) for v in (y1, y2))
@@ -103,32 +107,38 @@ def _paste_region(mask, box, shape, threshold):
     v = (np.arange(y0, ye) + 0.5 - y1) * (res_y / (y2 - y1)) - 0.5
     # Separable bilinear sampling of the grid: [h, R] @ [R, R] @ [R, w].
     region = _interpolation_weights(v, res_y) @ mask @ _interpolation_weights(u, res_x).T
-    return y0, x0, region > threshold
+    # tensorpack's and detectron2's pastes keep values equal to the threshold
+    return y0, x0, (region >= threshold) if border == 'zeros' else (region > threshold)
 
 
-def paste_mask(mask, box, shape, threshold=0.5):
+def paste_mask(mask, box, shape, threshold=0.5, border='zeros'):
     """Paste one instance's mask into the full image.
 
     The R x R mask covers exactly the box: cell (r, c) spans x in x1 + [c, c+1) *
-    (x2 - x1) / R (y likewise). Each pixel whose centre lies in the box takes the bilinear
-    interpolation of the mask at its centre (the edge cells' values extend to the box
-    edges), thresholded; every other pixel is 0. Only the box region is computed.
+    (x2 - x1) / R (y likewise), its value is at the cell centre. Each pixel takes the
+    bilinear interpolation of the mask at its centre, thresholded. Beyond the outer cell
+    centres, ``border`` 'zeros' interpolates towards 0 half a cell outside the grid (cfg
+    TEST.MASK_PASTE; tensorpack's accurate paste, detectron2), 'edge' extends the edge
+    cells' values to the box edges (the pixels outside the box are 0). Only the box region
+    is computed.
 
     Args:
         mask: float [R, R] foreground probabilities.
         box: 4 floats x1y1x2y2 in image pixels.
         shape: (H, W) of the image.
-        threshold (float): a pixel is foreground where the interpolated value is above it.
+        threshold (float): a pixel is foreground where the interpolated value is at least
+            ('zeros') / above ('edge') it.
+        border (str): 'zeros' or 'edge'.
     Returns:
         uint8 [H, W] of 0/1.
     """
     out = np.zeros(tuple(shape[:2]), dtype=np.uint8)
-    y0, x0, region = _paste_region(mask, box, shape, threshold)
+    y0, x0, region = _paste_region(mask, box, shape, threshold, border)
     out[y0:y0 + region.shape[0], x0:x0 + region.shape[1]] = region
     return out
 
 
-def iter_paste_masks(masks, boxes, shape, threshold=0.5):
+def iter_paste_masks(masks, boxes, shape, threshold=0.5, border='zeros'):
     """Yield `paste_mask` of each instance in turn: one full-image mask exists at a time
     unless the caller keeps them.
 
@@ -138,7 +148,7 @@ def iter_paste_masks(masks, boxes, shape, threshold=0.5):
         N uint8 [H, W] arrays.
     """
     for mask, box in zip(masks, boxes):
-        yield paste_mask(mask, box, shape, threshold)
+        yield paste_mask(mask, box, shape, threshold, border)
 
 
 def encode_mask(mask):
@@ -148,8 +158,9 @@ def encode_mask(mask):
     return rle
 
 
-def paste_masks_rle(masks, boxes, shape, threshold=0.5):
-    """Paste every instance and encode it as RLE, holding one full-image buffer in all.
+def paste_masks_rle(masks, boxes, shape, threshold=0.5, border='zeros'):
+    """Paste every instance (as `paste_mask`) and encode it as RLE, holding one full-image
+    buffer in all.
 
     Args:
         masks: float [N, R, R]; boxes: float [N, 4] x1y1x2y2 image pixels; shape: (H, W).
@@ -161,7 +172,7 @@ def paste_masks_rle(masks, boxes, shape, threshold=0.5):
     buf = np.zeros(tuple(shape[:2]), dtype=np.uint8, order='F')
     rles = []
     for mask, box in zip(masks, boxes):
-        y0, x0, region = _paste_region(mask, box, shape, threshold)
+        y0, x0, region = _paste_region(mask, box, shape, threshold, border)
         window = buf[y0:y0 + region.shape[0], x0:x0 + region.shape[1]]
         window[...] = region
         rles.append(encode_mask(buf))
@@ -183,12 +194,15 @@ def _run_model(img, model_func, timings):
     Returns:
         (outputs, (sy, sx)): the graph's outputs (list of arrays, in resized pixels) and the
         exact per-axis factors from resized to original pixels (rounding the resized size
-        makes them differ slightly).
+        makes them differ slightly); with TEST.ISOTROPIC_SCALE_BACK their geometric mean
+        on both axes (tensorpack).
     """
     start = time.perf_counter()
     resized, _ = resize_shortest_edge(img, cfg.PREPROC.TEST_SHORT_EDGE_SIZE,
-                                      cfg.PREPROC.MAX_SIZE)
+                                      cfg.PREPROC.MAX_SIZE, uint8=cfg.PREPROC.RESIZE_UINT8)
     back = (img.shape[0] / resized.shape[0], img.shape[1] / resized.shape[1])
+    if cfg.TEST.ISOTROPIC_SCALE_BACK:
+        back = (float(np.sqrt(back[0] * back[1])),) * 2
     start = _add_time(timings, 'preprocess', start)
     outputs = model_func(resized)
     _add_time(timings, 'graph', start)
@@ -204,9 +218,9 @@ def _postprocess(outputs, scale, shape, mask_format):
     if len(outputs) < 4:
         masks = itertools.repeat(None)
     elif mask_format == 'rle':
-        masks = paste_masks_rle(outputs[3], boxes, shape)
+        masks = paste_masks_rle(outputs[3], boxes, shape, border=cfg.TEST.MASK_PASTE)
     else:
-        masks = iter_paste_masks(outputs[3], boxes, shape)
+        masks = iter_paste_masks(outputs[3], boxes, shape, border=cfg.TEST.MASK_PASTE)
     return [DetectionResult(box, float(score), int(label), mask)
             for box, score, label, mask in zip(boxes, scores, labels, masks)]
 
@@ -299,21 +313,17 @@ def read_inference_images(roidbs, failures, tqdm_bar=None):
 
 
 def predict_roidbs(roidbs, model_funcs, tqdm_bar=None):
-    """Predict the images of ``roidbs``, split in contiguous parts over ``model_funcs``
-    (one per device of this process, each in its own thread; TensorFlow releases the GIL).
+    """Predict ``roidbs``' images split over ``model_funcs``, one per device of this process.
 
     Returns:
         (results, failures): result dicts (`detection_to_dict`) in image order, as one
         function would give them; unreadable images as (file_name, reason).
     """
-    def run(bounds, model_func):
+    def run(part, model_func):
         failures = []
-        images = read_inference_images(roidbs[bounds[0]:bounds[1]], failures, tqdm_bar)
-        return predict_dataflow(images, model_func, tqdm_bar), failures
-    parts = list(zip(shard_bounds(len(roidbs), len(model_funcs)), model_funcs))
-    with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
-        outputs = list(pool.map(lambda part: run(*part), parts))
-    return [r for out in outputs for r in out[0]], [f for out in outputs for f in out[1]]
+        return predict_dataflow(read_inference_images(part, failures, tqdm_bar), model_func,
+                                tqdm_bar), failures
+    return predict_on_devices(roidbs, model_funcs, run)
 
 
 def evaluate_on_dataset(name, model_func, output_file=None, horovod=False):
@@ -324,9 +334,8 @@ def evaluate_on_dataset(name, model_func, output_file=None, horovod=False):
         model_func: as in `predict_image`, or a list of them (`predict_roidbs`).
         output_file (str or None): where the split writes the COCO-format results json
             (original category ids).
-        horovod (bool): call on every rank of an initialised Horovod: rank r predicts its
-            contiguous r-th share of the images, rank 0 gathers all results and evaluates
-            once; the metrics equal one process's (utils/distributed.py).
+        horovod (bool): call on every rank: each predicts its share, rank 0 evaluates all
+            once; the metrics equal one process's (`utils.distributed.predict_on_ranks`).
     Returns:
         dict[str, float]: the split's metrics (``mAP(bbox)/IoU=0.5:0.95``, per-class AP, ...),
         None on other Horovod ranks. Unreadable images are skipped (their gt counts as missed).
@@ -334,17 +343,11 @@ def evaluate_on_dataset(name, model_func, output_file=None, horovod=False):
     split = DatasetRegistry.get(name)
     roidbs = split.inference_roidbs()
     funcs = list(model_func) if isinstance(model_func, (list, tuple)) else [model_func]
-    rank, size = horovod_rank_size() if horovod else (0, 1)
-    start, end = shard_bounds(len(roidbs), size)[rank]
-    desc = 'Evaluating ' + name + (' (rank {} of {})'.format(rank, size) if horovod else '')
-    with get_tqdm(total=end - start, desc=desc) as bar:
-        results, failures = predict_roidbs(roidbs[start:end], funcs, bar)
-    shards = [{'bounds': (start, end), 'results': results, 'failures': failures}]
-    if size > 1:
-        shards = horovod_allgather(shards[0])
-    if rank != 0:
+    merged = predict_on_ranks(roidbs, lambda part, bar: predict_roidbs(part, funcs, bar),
+                              horovod, 'Evaluating ' + name)
+    if merged is None:  # not rank 0
         return None
-    results, failures = merge_shards(shards, len(roidbs))
+    results, failures = merged
     if failures:
         logger.warn('{}: skipped {} of {} images that could not be read.'.format(
             name, len(failures), len(roidbs)))
@@ -356,10 +359,9 @@ class EvalCallback(Callback):
     and after the last epoch; every metric goes to the trainer's monitors as
     ``<dataset>/<metric>`` and the results json to the log directory.
 
-    Every Horovod rank predicts its share of the images and rank 0 evaluates them all
-    (`evaluate_on_dataset`); with several GPUs in one process, each GPU's predictor takes
-    a share. The final evaluation runs in the last epoch's ``_trigger_epoch`` rather than
-    ``_after_train``, which also runs after a failure.
+    Every Horovod rank (or GPU of this process) predicts a share of the images and rank 0
+    evaluates them all. The final evaluation runs in the last epoch's ``_trigger_epoch``
+    rather than ``_after_train``, which also runs after a failure.
     """
     _chief_only = False  # every rank predicts; only rank 0 reports
 

@@ -10,11 +10,13 @@
 
 --load takes a checkpoint directory (its latest checkpoint), a checkpoint prefix or an .npz.
 The config is the training run's own (the config.yaml that train.py wrote next to the
-checkpoint) unless --config-file is given; --config overrides apply on top. Images are read
+checkpoint) unless --config-file is given; --config overrides apply on top. Keys that
+run's config.yaml lacks (written before they existed) keep the behaviour it was trained
+with (config.LEGACY_VALUES, e.g. the anchor layout). Images are read
 exactly as in training (common.read_image), in the channel order the model was trained on.
 
-Exit status: 2 for a bad --load path, dataset name or existing --export-savedmodel folder,
-1 for a config error (as train.py); with --predict,
+Exit status: 1 with one "Error: ..." line (as train.py) for a bad config, --load path,
+dataset name or existing --export-savedmodel folder; with --predict,
 1 when no input could be processed and 0 otherwise (unreadable inputs are reported on the
 way and listed again at the end).
 """
@@ -137,13 +139,26 @@ def build_gpu_predictors(weights, num_gpus):
                                       list(range(num_gpus))).get_predictors()
 
 
+def class_category_ids():
+    """The dataset's own category id of each class 1..C: the training json's ids (registered
+    metadata ``category_ids``), else the class ids (datasets without ids of their own)."""
+    from dataset import DatasetRegistry, DatasetRegistryError
+    try:
+        ids = list(DatasetRegistry.get_metadata(cfg.DATA.TRAIN[0], 'category_ids'))
+    except DatasetRegistryError:
+        ids = []
+    return ids if len(ids) == cfg.DATA.NUM_CATEGORY else list(range(1, cfg.DATA.NUM_CATEGORY + 1))
+
+
 def detections_json(path, img, results):
-    """JSON-ready record of one image's detections (original-image pixels, class names)."""
+    """JSON-ready record of one image's detections (original-image pixels): per detection
+    ``category_id`` (the dataset's own id), ``class_id`` (contiguous 1..C), ``class_name``."""
     from eval import detection_to_dict
-    dets = []
+    category_ids, dets = class_category_ids(), []
     for r in results:
         d = detection_to_dict(r, None)
-        dets.append({'class_id': d['category_id'], 'class_name': cfg.DATA.CLASS_NAMES[r.class_id],
+        dets.append({'category_id': category_ids[r.class_id - 1], 'class_id': d['category_id'],
+                     'class_name': cfg.DATA.CLASS_NAMES[r.class_id],
                      'score': d['score'], 'box_x1y1x2y2': d['bbox'],
                      **({'segmentation': d['segmentation']} if 'segmentation' in d else {})})
     return {'file': path, 'height': img.shape[0], 'width': img.shape[1], 'detections': dets}
@@ -226,7 +241,8 @@ def run_benchmark(args, predictor):
         except ImageReadError as e:
             print(e)
     if not images:
-        sys.exit('--benchmark: no readable image.')
+        from utils.training import UserInputError
+        raise UserInputError('--benchmark: no readable image.')
     for img in images[:1] * 2:
         predict_image(img, predictor, mask_format='rle')
     timings = {}
@@ -285,24 +301,24 @@ def training_config_file(load):
 
 
 def main(args):
-    from dataset import DatasetRegistryError
+    """Run; a user error (config, path, dataset) ends with one "Error: ..." line, status 1."""
     from utils.distributed import init_horovod_if_launched
-    from utils.training import UserInputError, WeightsLoader
+    from utils.training import USER_ERRORS, WeightsLoader
     init_horovod_if_launched()  # under horovodrun: --evaluate shared by the ranks
+    run_config = training_config_file(args.load)
     if args.config_file is None:
         # The training run's own config: same channels, channel order and model shape
         # (a model trained on BGR must never be fed RGB by a forgotten flag).
-        args.config_file = training_config_file(args.load)
+        args.config_file = run_config
         if args.config_file:
             print('predict.py: using the training config {}'.format(args.config_file))
-    setup_config(args, is_training=False)
     try:
+        setup_config(args, is_training=False, run_config=run_config)
         weights = WeightsLoader(args.load)  # reads the file now: a bad path fails here
         return run(args, weights)
-    except (UserInputError, DatasetRegistryError, FileNotFoundError) as e:
-        # A bad path or dataset name: one line, no traceback.
-        print('predict.py: {}'.format(e), file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # the user can fix these: one line, no traceback
+        print('Error: {}'.format(e), file=sys.stderr)
+        return 1
 
 
 def run(args, weights):

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from config import config as cfg, finalize_configs
+from config import config as cfg, finalize_configs, legacy_values
 from utils.training import USER_ERRORS
 
 
@@ -30,13 +30,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def setup_config(args, is_training):
-    """Register datasets, apply --config-file then --config, finalise (ConfigError if bad)."""
+def setup_config(args, is_training, run_config=None):
+    """Register datasets, apply --config-file then --config, finalise (ConfigError if bad).
+
+    ``run_config``: the config.yaml of the run being resumed or predicted with (None or a
+    missing file: a new run). Keys it lacks (it was written before they existed) first get
+    the value that keeps the old behaviour (``config.LEGACY_VALUES``, e.g. the old anchor
+    layout); --config-file and --config still override them.
+    """
     from dataset import register_builtin_datasets
+    if run_config and os.path.isfile(run_config):
+        for key, value in legacy_values(run_config).items():
+            cfg.set_value(key, value)
     if args.config_file:
         cfg.load_yaml(args.config_file)
     cfg.update_args(args.config)
-    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS)
+    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS,
+                              cfg.DATA.TRAIN, cfg.DATA.DROP_UNUSED_CATEGORIES)
     finalize_configs(is_training=is_training)
 
 
@@ -47,7 +57,7 @@ def train(args):
     Raises:
         one of utils.training.USER_ERRORS on input the user can fix, or TrainingDiverged.
     """
-    setup_config(args, is_training=True)
+    setup_config(args, is_training=True, run_config=os.path.join(args.logdir, 'config.yaml'))
 
     import tensorflow as tf
     from tensorpack import logger
@@ -61,15 +71,18 @@ def train(args):
     from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
     from utils.training import (DUMP_WEIGHTS_ENV, DumpWeights, HostMemoryTracker, LRSetter,
                                 NonFiniteGuard, ScaledSchedule, WeightsLoader, add_log_file,
-                                find_resume_checkpoint, write_config)
+                                find_resume_checkpoint, plan_devices, write_config)
     from utils.precision import session_creator
 
     if cfg.TRAINER == 'horovod':
         import horovod.tensorflow as hvd
         hvd.init()
-        rank, num_devices, local_ranks = hvd.rank(), hvd.size(), hvd.local_size()
+        rank, local_ranks = hvd.rank(), hvd.local_size()
+        plan = plan_devices(cfg.TRAINER, cfg.TRAIN.NUM_GPUS, rank, hvd.size())
     else:
-        rank, num_devices, local_ranks = 0, max(cfg.TRAIN.NUM_GPUS, 1), 1
+        rank, local_ranks = 0, 1
+        plan = plan_devices(cfg.TRAINER, cfg.TRAIN.NUM_GPUS)
+    num_devices = plan.num_devices
     is_chief = rank == 0
     tf.compat.v1.set_random_seed(cfg.TRAIN.SEED + rank)
     schedule = ScaledSchedule(num_devices)
@@ -122,16 +135,16 @@ def train(args):
         callbacks.append(DumpWeights(os.environ[DUMP_WEIGHTS_ENV], rank))
 
     model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
-    dataflow = get_train_dataflow(shard=(rank, num_devices) if num_devices > 1 else None)
+    dataflow = get_train_dataflow(shard=plan.shard)
     traincfg = TrainConfig(
         model=model, data=None, dataflow=dataflow, callbacks=callbacks,
         steps_per_epoch=cfg.TRAIN.STEPS_PER_EPOCH, starting_epoch=starting_epoch,
         max_epoch=schedule.max_epoch, session_init=session_init,
         # threads shared fairly by the ranks on this machine; TRAIN.PRECISION's graph rewrite
         session_creator=session_creator(cfg.TRAIN.PRECISION, processes_per_machine=local_ranks))
-    if cfg.TRAINER == 'horovod':
+    if plan.trainer == 'horovod':
         trainer = HorovodTrainer(average=True)
-    elif num_devices > 1:
+    elif plan.trainer == 'replicated':
         trainer = SyncMultiGPUTrainerReplicated(num_devices, average=True, mode='nccl')
     else:
         trainer = SimpleTrainer()

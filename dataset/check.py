@@ -25,7 +25,7 @@ import numpy as np
 from config import ConfigError, config as cfg
 
 from . import register_builtin_datasets
-from .coco import COCODetection
+from .coco import COCODetection, unused_categories
 from .dataset import DatasetRegistry
 
 __all__ = ["KINDS", "check_dataset", "write_report", "format_summary", "check_and_report",
@@ -43,6 +43,7 @@ KINDS = {
     "duplicate_annotation_id": "annotation id used more than once (json)",
     "annotation_malformed": "bbox missing or not 4 numbers [x, y, w, h] (json)",
     "unknown_category": "category id not in the categories (dropped by the loader)",
+    "category_unused": "category no annotation uses (DATA.DROP_UNUSED_CATEGORIES drops it)",
     "box_degenerate": "box width or height under 1 pixel (dropped by the loader)",
     "box_outside_image": "box entirely outside the image (dropped by the loader)",
     "box_partly_outside_image": "box crosses the image border by over 1 pixel (clipped)",
@@ -65,7 +66,6 @@ _JPEG_STANDALONE = {0x01} | set(range(0xD0, 0xD8))  # markers without a length f
 
 
 # ---------------------------------------------------------------------------- images
-
 def _jpeg_header_size(f):
     """Walk the JPEG marker segments of open file ``f`` (after SOI) to the first SOFn.
     Returns (height, width), or None if the segments are malformed or the height is 0
@@ -176,6 +176,9 @@ def _coco_records(split, report):
     with open(split.json_file) as f:
         data = json.load(f)
     category_ids = {c.get("id") for c in data.get("categories", [])}
+    for c in unused_categories(data):
+        _add(report, "category_unused", None, split.json_file,
+             f"category {c['id']} {c.get('name')!r} has no annotation")
     records, by_id = [], {}
     for img in data.get("images", []):
         file = os.path.join(split.image_dir, str(img.get("file_name", "")))
@@ -259,7 +262,6 @@ def _roidb_records(split, num_classes, report):
 
 
 # ---------------------------------------------------------------------------- checks
-
 def _check_boxes(report, rec, size):
     """Box checks of one image, vectorised over its N boxes. Returns bool [N]: degenerate."""
     boxes = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
@@ -346,10 +348,9 @@ def check_dataset(name, decode=False):
             files) instead of reading PNG / JPEG headers and end markers only.
     Returns:
         dict: ``dataset``, ``num_images``, ``num_annotations``, ``fatal`` (messages; any
-        means the split cannot be used), ``problems`` (kind in `KINDS` -> list of
-        ``{"image_id", "file", "annotation", "detail"}``; ``annotation`` is the json
-        annotation id for COCO splits, else the instance index in the roidb, None for
-        image-level problems) and ``meaning`` (kind -> its `KINDS` text, kinds found).
+        means the split cannot be used), ``problems`` (kind in `KINDS` -> list of ``{"image_id",
+        "file", "annotation", "detail"}``; ``annotation``: the json annotation id (COCO), the
+        instance index (roidb), None for image- and category-level problems) and ``meaning``.
     """
     report = {"dataset": name, "num_images": 0, "num_annotations": 0, "fatal": [],
               "problems": {}, "meaning": {}}
@@ -382,7 +383,6 @@ def check_dataset(name, decode=False):
 
 
 # ---------------------------------------------------------------------------- output
-
 def write_report(report, path):
     """Write a `check_dataset` report as json (folders created as needed)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -400,7 +400,8 @@ def format_summary(report):
     width = max(len(k) for k in report["problems"])
     lines.append(f"{'kind':<{width}}  {'count':>6}  examples (image id: file)")
     for kind, entries in report["problems"].items():
-        examples = ", ".join(f"{e['image_id']}: {os.path.basename(e['file'] or '-')}"
+        examples = ", ".join(e["detail"] if e["image_id"] is None else  # category-level
+                             f"{e['image_id']}: {os.path.basename(e['file'] or '-')}"
                              for e in entries[:NUM_EXAMPLES])
         lines.append(f"{kind:<{width}}  {len(entries):>6}  {examples}")
     return "\n".join(lines)
@@ -418,7 +419,7 @@ def check_and_report(names, output_dir, decode=False):
         print(format_summary(report))
         print(f"details: {path}\n")
         for msg in report["fatal"]:
-            print(f"ERROR: {msg}", file=sys.stderr)
+            print(f"Error: {msg}", file=sys.stderr)
             status = 1
     return status
 
@@ -431,16 +432,16 @@ def main(argv=None):
                         help="config overrides, e.g. DATA.BASEDIR=~/coco DATA.TRAIN=coco_val2017")
     parser.add_argument("--names", nargs="+", help="datasets (default: DATA.TRAIN, DATA.VAL)")
     parser.add_argument("--output-dir", default=".", help="where <name>_warnings.json go")
-    parser.add_argument("--decode", action="store_true",
-                        help="decode every image with cv2 (slow, thorough)")
+    parser.add_argument("--decode", action="store_true", help="decode every image (slow)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg.update_args(args.config)
-    except ConfigError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
-    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS)
+        register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS,
+                                  cfg.DATA.TRAIN, cfg.DATA.DROP_UNUSED_CATEGORIES)
+    except (ConfigError, OSError, ValueError) as e:  # DatasetError and the registry's too
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
     names = args.names or list(dict.fromkeys(list(cfg.DATA.TRAIN) + list(cfg.DATA.VAL)))
     return check_and_report(names, args.output_dir, decode=args.decode)
 

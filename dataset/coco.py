@@ -12,7 +12,8 @@ from .dataset import DatasetError, DatasetRegistry, DatasetSplit, evaluate_coco,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COCODetection", "register_coco", "register_coco_json", "COCO_CLASS_NAMES"]
+__all__ = ["COCODetection", "register_coco", "register_coco_json", "unused_categories",
+           "COCO_CLASS_NAMES", "COCO_CATEGORY_IDS"]
 
 # The 80 COCO class names in the order of their category ids (1..90 with gaps).
 COCO_CLASS_NAMES = [
@@ -27,6 +28,8 @@ COCO_CLASS_NAMES = [
     "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
     "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
     "toothbrush"]
+# Their category ids in the COCO jsons: 1..90 without 12, 26, 29, 30, 45, 66, 68, 69, 71, 83.
+COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 # split name -> image folder; minival/valminusminival are subsets of val2014's images.
 _STANDARD_SPLITS = {"train2017": "train2017", "val2017": "val2017",
@@ -44,11 +47,21 @@ def _load_json(json_file):
             raise DatasetError(f"{json_file!r} is not valid json: {e}") from None
 
 
-def _sorted_categories(dataset, json_file):
-    cats = sorted(dataset.get("categories", []), key=lambda c: c["id"])
+def _sorted_categories(dataset, json_file, drop_ids=()):
+    """The json's categories sorted by id, without those whose id is in ``drop_ids``."""
+    cats = [c for c in sorted(dataset.get("categories", []), key=lambda c: c["id"])
+            if c["id"] not in drop_ids]
     if not cats:
         raise DatasetError(f"{json_file!r} has no 'categories'.")
     return cats
+
+
+def unused_categories(dataset):
+    """Categories (json dicts, sorted by id) that no annotation of a COCO-format dict uses,
+    e.g. Roboflow's parent class or labelme's ``_background_``."""
+    used = {a.get("category_id") for a in dataset.get("annotations", [])}
+    return [c for c in sorted(dataset.get("categories", []), key=lambda c: c["id"])
+            if c["id"] not in used]
 
 
 def _rle_to_polygons(rle):
@@ -65,7 +78,8 @@ class COCODetection(DatasetSplit):
     """A COCO-format json and its image folder.
 
     The json's category ids (any ints, e.g. 0-based or with gaps) are mapped, in sorted
-    order, to contiguous class ids 1..C; results are mapped back for evaluation.
+    order, to contiguous class ids 1..C; results are mapped back for evaluation. Categories
+    in ``drop_category_ids`` are no class (their annotations, if any, are dropped).
 
     Annotation handling (counted per reason in ``self.dropped`` and logged once):
     boxes [x, y, w, h] with w < 1 or h < 1, or nothing left after clipping to the image,
@@ -74,21 +88,23 @@ class COCODetection(DatasetSplit):
     is kept with ``[]`` (detection-only data); crowd annotations keep their RLE.
     """
 
-    def __init__(self, json_file, image_dir, name=None):
+    def __init__(self, json_file, image_dir, name=None, drop_category_ids=()):
         """
         Args:
             json_file (str): COCO instances json.
             image_dir (str): folder that the images' ``file_name`` are relative to.
             name (str or None): for log messages.
+            drop_category_ids: category ids left out of the classes (e.g. unused ones).
         """
         self.json_file = os.path.abspath(os.path.expanduser(json_file))
         self.image_dir = os.path.abspath(os.path.expanduser(image_dir))
         self.name = name or os.path.basename(self.json_file)
         self._dataset = _load_json(self.json_file)
-        cats = _sorted_categories(self._dataset, self.json_file)
+        cats = _sorted_categories(self._dataset, self.json_file, set(drop_category_ids))
         self.category_ids = [c["id"] for c in cats]  # class c -> category_ids[c - 1]
         self.class_names = [c["name"] for c in cats]
         self._cat_to_class = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        self._dropped_ids = set(drop_category_ids)
         self._roidbs = None
         self._coco_gt = None
 
@@ -111,7 +127,8 @@ class COCODetection(DatasetSplit):
         """
         cls = self._cat_to_class.get(ann.get("category_id"))
         if cls is None:
-            dropped["unknown category_id"] += 1
+            dropped["category left out of the classes" if ann.get("category_id") in
+                    self._dropped_ids else "unknown category_id"] += 1
             return None
         x, y, w, h = (float(v) for v in ann["bbox"])
         if w < 1 or h < 1:
@@ -193,29 +210,37 @@ class COCODetection(DatasetSplit):
                              output)
 
 
-def register_coco_json(name, json_file, image_dir, class_names=None):
-    """Register a COCO-format split and its ``class_names`` metadata in one call.
+def register_coco_json(name, json_file, image_dir, class_names=None, category_ids=None,
+                       drop_category_ids=()):
+    """Register a COCO-format split and its ``class_names`` and ``category_ids`` metadata
+    (class c is named ``class_names[c - 1]`` and has the json id ``category_ids[c - 1]``).
 
-    The json is read once here to take the class names from its ``categories`` (sorted by
-    id), unless ``class_names`` is given, in which case nothing is read until the split is
-    used; then a mismatch with the json replaces the metadata (logged).
+    The json is read once here to take them from its ``categories`` (sorted by id, without
+    ``drop_category_ids``), unless ``class_names`` is given, in which case nothing is read
+    until the split is used; then a mismatch with the json replaces the metadata (logged),
+    and ``category_ids`` (None: unknown until then) is registered.
 
     Raises:
         FileNotFoundError: ``class_names`` is None and ``json_file`` does not exist.
     """
     if class_names is None:
-        class_names = [c["name"] for c in _sorted_categories(_load_json(json_file), json_file)]
+        cats = _sorted_categories(_load_json(json_file), json_file, set(drop_category_ids))
+        class_names, category_ids = [c["name"] for c in cats], [c["id"] for c in cats]
 
     def factory():
-        split = COCODetection(json_file, image_dir, name=name)
+        split = COCODetection(json_file, image_dir, name=name,
+                              drop_category_ids=drop_category_ids)
         if split.class_names != DatasetRegistry.get_metadata(name, "class_names"):
             logger.warning("%s: class names in %s differ from the registered ones; "
                            "using the json's.", name, json_file)
             DatasetRegistry.register_metadata(name, "class_names", split.class_names)
+        DatasetRegistry.register_metadata(name, "category_ids", split.category_ids)
         return split
 
     DatasetRegistry.register(name, factory)
     DatasetRegistry.register_metadata(name, "class_names", list(class_names))
+    if category_ids is not None:
+        DatasetRegistry.register_metadata(name, "category_ids", list(category_ids))
 
 
 def register_coco(basedir):
@@ -231,4 +256,5 @@ def register_coco(basedir):
     for split, image_folder in _STANDARD_SPLITS.items():
         register_coco_json(f"coco_{split}",
                            os.path.join(basedir, "annotations", f"instances_{split}.json"),
-                           os.path.join(basedir, image_folder), class_names=COCO_CLASS_NAMES)
+                           os.path.join(basedir, image_folder), class_names=COCO_CLASS_NAMES,
+                           category_ids=COCO_CATEGORY_IDS)

@@ -31,7 +31,8 @@ def bad_coco(tmp_path):
     Image ids: 1 good, 2 box partly out + box fully out, 3 zero-size box, 4 2-point
     polygon, 5 zero-area polygon, 6 polygon outside box, 7 unknown category, 8 duplicate
     annotation id, 9 missing file, 10 corrupt JPEG, 11 truncated PNG, 12 JPEG of another
-    size, 13 no annotation, 14 duplicate image id (of 1); annotation 99 points at image 999.
+    size, 13 no annotation, 14 duplicate image id (of 1); annotation 99 points at image 999;
+    category 2 has no annotation.
     """
     img_dir = tmp_path / "images"
     img_dir.mkdir()
@@ -76,7 +77,7 @@ EXPECTED = {  # kind -> image ids it must name (exactly)
     "unknown_category": {7}, "duplicate_annotation_id": {8}, "image_missing": {9},
     "image_unreadable": {10}, "image_truncated": {11}, "image_size_mismatch": {12},
     "image_no_annotations": {3, 7, 13}, "duplicate_image_id": {1},
-    "annotation_missing_image": {999}}
+    "annotation_missing_image": {999}, "category_unused": {None}}
 
 
 def test_check_finds_each_problem_on_its_image(bad_coco):
@@ -95,6 +96,7 @@ def test_check_finds_each_problem_on_its_image(bad_coco):
     assert "FFD9" not in p["image_truncated"][0]["detail"]  # it is the PNG one
     assert p["image_truncated"][0]["file"].endswith("im11.png")
     assert "42" in p["unknown_category"][0]["detail"]
+    assert p["category_unused"][0]["detail"] == "category 2 'other' has no annotation"
     no_ann = {e["image_id"]: e["detail"] for e in p["image_no_annotations"]}
     assert no_ann[13] == "no annotation" and "none of its 1" in no_ann[7]
 
@@ -232,5 +234,5 @@ def test_cli_missing_basedir(tmp_path):
                    "DATA.TRAIN=balloon_train", "DATA.VAL=[]", "--output-dir", str(tmp_path))
     assert res.returncode != 0
     assert "Traceback" not in res.stderr + res.stdout
-    errors = [line for line in res.stderr.splitlines() if line.startswith("ERROR")]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "via_region_data.json" in errors[0], res.stderr

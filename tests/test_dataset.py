@@ -358,3 +358,93 @@ def test_coco_json_splits_from_the_config(tmp_path):
         register_builtin_datasets(str(tmp_path), [["zz_only_a_name"]])
     with pytest.raises(FileNotFoundError, match="nope.json"):
         register_builtin_datasets(str(tmp_path), [["zz_nope", str(tmp_path / "nope.json"), "x"]])
+
+
+def _write_export(folder, categories, used, val_used=None):
+    """A Roboflow / labelme-like export: ``categories`` [(id, name)], one 32x32 PNG per
+    used category id with one box of it, as train.json (and val.json with ``val_used``)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for split, ids in (("train", used), ("val", val_used)):
+        if ids is None:
+            continue
+        images, anns = [], []
+        for i, cid in enumerate(ids):
+            cv2.imwrite(os.path.join(folder, f"{split}{i}.png"), np.full((32, 32, 3), 90, np.uint8))
+            images.append({"id": i + 1, "file_name": f"{split}{i}.png", "height": 32, "width": 32})
+            anns.append({"id": i + 1, "image_id": i + 1, "category_id": cid, "iscrowd": 0,
+                         "bbox": [4, 4, 10, 12], "area": 120,
+                         "segmentation": [[4, 4, 14, 4, 14, 16, 4, 16]]})
+        path = os.path.join(folder, f"{split}.json")
+        with open(path, "w") as f:
+            json.dump({"images": images, "annotations": anns,
+                       "categories": [{"id": c, "name": n} for c, n in categories]}, f)
+        paths.append(path)
+    return paths
+
+
+ROBOFLOW = [(0, "shapes-parent"), (1, "circle"), (2, "square"), (3, "triangle")]
+LABELME = [(0, "_background_"), (1, "cat"), (2, "dog")]
+
+
+@pytest.mark.parametrize("categories, used, kept", [
+    (ROBOFLOW, [1, 2, 3, 1], ["circle", "square", "triangle"]),
+    (LABELME, [2, 1], ["cat", "dog"]),
+], ids=["roboflow", "labelme"])
+def test_unused_category_warned_dropped_and_mapped_back(tmp_path, caplog, categories, used,
+                                                        kept):
+    from dataset import register_builtin_datasets
+    from dataset.check import check_dataset
+    # the val split lacks the last class: it stays a class (ids must agree with training)
+    train, val = _write_export(str(tmp_path), categories, used, val_used=used[:1])
+    splits = [["zz_un_train", train, str(tmp_path)], ["zz_un_val", val, str(tmp_path)]]
+    unused_id, unused_name = categories[0]
+    with caplog.at_level(logging.WARNING):
+        register_builtin_datasets(str(tmp_path), splits, ["zz_un_train"], drop_unused=True)
+    warning = f'{unused_id} "{unused_name}"'
+    assert any(warning in r.getMessage() and "Left out" in r.getMessage()
+               for r in caplog.records), caplog.text
+    for name in ("zz_un_train", "zz_un_val"):
+        assert DatasetRegistry.get_metadata(name, "class_names") == kept
+        assert DatasetRegistry.get_metadata(name, "category_ids") == [c for c, _ in categories[1:]]
+        split = DatasetRegistry.get(name)
+        assert split.category_ids == [c for c, _ in categories[1:]]  # evaluation maps back
+    roidbs = DatasetRegistry.get("zz_un_train").training_roidbs()
+    assert [int(r["class"][0]) for r in roidbs] == used  # json id c -> class c (0 is gone)
+    # the checker reports it as its own kind, whatever the option
+    report = check_dataset("zz_un_train")
+    assert [p["detail"] for p in report["problems"]["category_unused"]] == \
+        [f"category {unused_id} {unused_name!r} has no annotation"]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        register_builtin_datasets(str(tmp_path), splits, ["zz_un_train"], drop_unused=False)
+    assert any(warning in r.getMessage() and "stay classes" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert DatasetRegistry.get_metadata("zz_un_train", "class_names") == [n for _, n in categories]
+    assert [int(r["class"][0]) for r in DatasetRegistry.get("zz_un_train").training_roidbs()] \
+        == [u + 1 for u in used]
+
+
+def test_dropped_classes_survive_the_runs_config_yaml(tmp_path):
+    """predict.py reads the run's config.yaml: it must find the same class list."""
+    import argparse
+
+    from train import setup_config
+    from tiny import configured
+    from dataset import register_builtin_datasets
+    train, = _write_export(str(tmp_path), ROBOFLOW, [1, 2, 3])
+    splits = [["zz_yaml_train", train, str(tmp_path)]]
+    register_builtin_datasets(str(tmp_path), splits, ["zz_yaml_train"])  # as train.py does
+    overrides = ["DATA.TRAIN=zz_yaml_train", "DATA.VAL=zz_yaml_train",
+                 "DATA.COCO_JSON_SPLITS={!r}".format(splits)]
+    with configured(overrides) as cfg:
+        assert cfg.DATA.CLASS_NAMES == ["BG", "circle", "square", "triangle"]
+        cfg.save_yaml(str(tmp_path / "config.yaml"))
+    DatasetRegistry._registry.pop("zz_yaml_train")  # a fresh predict.py process
+    with configured() as cfg:
+        cfg.freeze(False)
+        setup_config(argparse.Namespace(config_file=str(tmp_path / "config.yaml"), config=[]),
+                     is_training=False)
+        assert cfg.DATA.CLASS_NAMES == ["BG", "circle", "square", "triangle"]
+        assert DatasetRegistry.get_metadata("zz_yaml_train", "category_ids") == [1, 2, 3]

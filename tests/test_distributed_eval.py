@@ -23,6 +23,7 @@ import eval as ev
 from test_eval import add_corrupt_image, coco_split, stand_in_cfg, test_cfg  # noqa: F401
 from test_train import ROOT, fail_info, run_train
 from tiny import TINY
+from utils import distributed
 from utils.distributed import merge_shards, shard_bounds
 
 
@@ -107,8 +108,8 @@ def test_devices_and_ranks_give_one_process_results(stand_in_cfg, coco_split, tm
     assert reference['mAP(bbox)/IoU=0.5:0.95'] == pytest.approx(1.0)
     for size in (2, 3):
         ranks = ThreadRanks(size)
-        monkeypatch.setattr(ev, 'horovod_rank_size', ranks.rank_size)
-        monkeypatch.setattr(ev, 'horovod_allgather', ranks.allgather)
+        monkeypatch.setattr(distributed, 'horovod_rank_size', ranks.rank_size)
+        monkeypatch.setattr(distributed, 'horovod_allgather', ranks.allgather)
         out = str(tmp_path / 'ranks{}.json'.format(size))
         metrics = ranks.run(lambda: ev.evaluate_on_dataset(
             name, [colour_boxes, colour_boxes], out, horovod=True))

@@ -5,6 +5,7 @@ Import this module before anything imports TensorFlow: every entry point and
 Each shim says what it fixes and how to tell when it can be deleted.
 """
 import os
+import sys
 
 # Shim 1 -- Keras 2 for tf.layers.
 # tensorpack's layers (Conv2D, FullyConnected, BatchNorm, ...) wrap `tf.compat.v1.layers`,
@@ -64,8 +65,40 @@ def _patch_tensorpack_logger_error():
     logger.error = error
 
 
+def die_with_parent(_warn=True):
+    """Shim 5 -- data workers die with their parent, whatever way it dies (SIGKILL too).
+
+    tensorpack 0.11's worker processes call `enable_death_signal` right after fork, which
+    needs the `python-prctl` package and, without it, only logs a warning: a trainer killed
+    by SIGKILL (the OOM killer's signal) left its workers running, re-parented to init.
+    This replacement calls prctl(PR_SET_PDEATHSIG, SIGKILL) through libc, then exits if the
+    parent already died between fork and prctl (nobody would send the signal then).
+    Remove when tensorpack's `enable_death_signal` works without python-prctl.
+    """
+    if not sys.platform.startswith('linux'):
+        return
+    import ctypes
+    import multiprocessing
+    import signal
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL),
+                                               0, 0, 0) != 0:
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
+
+
+def _patch_tensorpack_death_signal():
+    """Install `die_with_parent` wherever tensorpack's workers look `enable_death_signal` up."""
+    from tensorpack.dataflow import parallel, parallel_map
+    from tensorpack.utils import concurrency
+    for module in (concurrency, parallel, parallel_map):
+        module.enable_death_signal = die_with_parent
+
+
 def _patch_tensorpack_multitower(tf):
-    """Shim 5 -- tensorpack 0.11's `MultiTowerOfflinePredictor` (one predictor per GPU).
+    """Shim 6 -- tensorpack 0.11's `MultiTowerOfflinePredictor` (one predictor per GPU).
 
     Its module calls `tf.variable_scope` / `tf.get_variable_scope` on the TF2 module, which
     lacks them (AttributeError when it builds). Its `tf` becomes `tf.compat.v1`, which has
@@ -81,6 +114,7 @@ def apply():
     import tensorflow as tf
     _patch_tf_global_variables(tf)
     _patch_tensorpack_logger_error()
+    _patch_tensorpack_death_signal()
     _patch_tensorpack_multitower(tf)
     return tf
 

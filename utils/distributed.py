@@ -5,14 +5,16 @@ exactly the list one process produces: COCOeval breaks score ties by that order,
 AP of N ranks is identical to one process's, not merely close. Results travel with
 Horovod's allgather (no shared filesystem needed across machines).
 """
+import concurrent.futures
 import os
 import pickle
 import sys
 
 import numpy as np
 
-__all__ = ['shard_bounds', 'merge_shards', 'horovod_rank_size', 'horovod_local_rank_size',
-           'horovod_allgather', 'init_horovod_if_launched']
+__all__ = ['shard_bounds', 'merge_shards', 'predict_on_devices', 'predict_on_ranks',
+           'horovod_rank_size',
+           'horovod_local_rank_size', 'horovod_allgather', 'init_horovod_if_launched']
 
 # Variables a Horovod launcher sets to the number of processes (Gloo, Open MPI, MPICH).
 _SIZE_VARIABLES = ('HOROVOD_SIZE', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE')
@@ -63,6 +65,45 @@ def merge_shards(shards, num_items):
     results = [r for s in shards for r in s['results']]
     failures = [f for s in shards for f in s['failures']]
     return results, failures
+
+
+def predict_on_devices(items, model_funcs, predict):
+    """Split ``items`` in contiguous parts over ``model_funcs`` (one per device of this
+    process); ``predict(part, model_func)`` -> (results, failures) runs each part in its own
+    thread (TensorFlow releases the GIL).
+
+    Returns:
+        (results, failures), each concatenated in item order.
+    """
+    parts = list(zip(shard_bounds(len(items), len(model_funcs)), model_funcs))
+    with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
+        outputs = list(pool.map(lambda p: predict(items[p[0][0]:p[0][1]], p[1]), parts))
+    return [r for out in outputs for r in out[0]], [f for out in outputs for f in out[1]]
+
+
+def predict_on_ranks(items, predict, horovod, desc):
+    """Predict ``items`` shared by the Horovod ranks; every rank must call this.
+
+    Args:
+        items: a list (e.g. inference roidbs), the same on every rank.
+        predict: callable(items[start:end], tqdm bar) -> (results list, failures list).
+        horovod (bool): False: this process predicts everything.
+        desc (str): progress-bar label.
+    Returns:
+        on rank 0, (results, failures) of all ranks, in item order (`merge_shards`);
+        None on the other ranks.
+    """
+    from tensorpack.utils.utils import get_tqdm
+    rank, size = horovod_rank_size() if horovod else (0, 1)
+    start, end = shard_bounds(len(items), size)[rank]
+    if horovod:
+        desc += ' (rank {} of {})'.format(rank, size)
+    with get_tqdm(total=end - start, desc=desc) as bar:
+        results, failures = predict(items[start:end], bar)
+    shards = [{'bounds': (start, end), 'results': results, 'failures': failures}]
+    if size > 1:
+        shards = horovod_allgather(shards[0])
+    return merge_shards(shards, len(items)) if rank == 0 else None
 
 
 def _initialised_horovod():
