@@ -21,7 +21,9 @@ from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape, flip_
 from config import config as cfg
 from dataset import DatasetError, DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
+from utils.forked import release_freed_memory, run_in_forked_process
 from utils.np_box_ops import max_coverage, max_iou_over_gt
+from utils.serialized_list import SerializedList
 
 # msgpack-numpy between data workers and the trainer. tensorpack reads this variable when
 # it is first imported, so this only helps if nothing imported tensorpack before us
@@ -362,20 +364,9 @@ def _check_serializer():
                        'before tensorpack is first imported.')
 
 
-def get_train_dataflow(shard=None):
-    """The training dataflow: lists ordered as `input_names(cfg.MODE_FPN, cfg.MODE_MASK)`.
-
-    Roidbs of every dataset in DATA.TRAIN are concatenated, images without a usable
-    non-crowd box dropped (DATA.FILTER_EMPTY_ANNOTATIONS), shuffled each epoch and
-    preprocessed by DATA.NUM_WORKERS processes (0: in this process). Skipped images
-    (unreadable, nothing left after augmentation) are logged and never yielded.
-
-    Args:
-        shard ((rank, size) or None): with Horovod, rank r takes every size-th image of one
-            fixed permutation (the same on every rank, so the shards are disjoint).
-    """
-    from tensorpack.dataflow import DataFromList, MapData, MultiProcessMapData
-
+def _training_roidbs(shard):
+    """Roidbs of DATA.TRAIN, filtered and sharded (see `get_train_dataflow`), in one
+    `SerializedList`. Raises DatasetError when no image is left."""
     roidbs = list(itertools.chain.from_iterable(
         DatasetRegistry.get(name).training_roidbs() for name in cfg.DATA.TRAIN))
     total = len(roidbs)
@@ -393,11 +384,32 @@ def get_train_dataflow(shard=None):
         raise DatasetError('No training images left in DATA.TRAIN={} (shard {}): every image '
                            'was filtered (see the counts above).'.format(list(cfg.DATA.TRAIN),
                                                                         shard))
+    return SerializedList(roidbs)  # one buffer, not millions of objects: no copy-on-read
 
+
+def get_train_dataflow(shard=None):
+    """The training dataflow: lists ordered as `input_names(cfg.MODE_FPN, cfg.MODE_MASK)`.
+
+    Roidbs of every dataset in DATA.TRAIN are concatenated, images without a usable
+    non-crowd box dropped (DATA.FILTER_EMPTY_ANNOTATIONS), shuffled each epoch and
+    preprocessed by DATA.NUM_WORKERS processes (0: in this process). Skipped images
+    (unreadable, nothing left after augmentation) are logged and never yielded.
+
+    Args:
+        shard ((rank, size) or None): with Horovod, rank r takes every size-th image of one
+            fixed permutation (the same on every rank, so the shards are disjoint).
+    """
+    from tensorpack.dataflow import DataFromList, MapData, MultiProcessMapData
+
+    workers = cfg.DATA.NUM_WORKERS
+    # With workers, the json and the roidb objects exist only in a short-lived child: the
+    # workers fork from a process that holds just the compact roidb buffer (utils/forked.py).
+    roidbs = (run_in_forked_process(_training_roidbs, shard) if workers > 0
+              else _training_roidbs(shard))
+    release_freed_memory()  # what the main process freed, before the workers fork
     rank = shard[0] if shard is not None else 0
     preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank)
     ds = DataFromList(roidbs, shuffle=True)
-    workers = cfg.DATA.NUM_WORKERS
     if workers > 0:
         _check_serializer()
         ds = MultiProcessMapData(ds, num_proc=workers, map_func=preprocess,

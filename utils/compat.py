@@ -97,12 +97,25 @@ def _patch_tensorpack_death_signal():
         module.enable_death_signal = die_with_parent
 
 
+def _patch_tensorpack_multitower(tf):
+    """Shim 6 -- tensorpack 0.11's `MultiTowerOfflinePredictor` (one predictor per GPU).
+
+    Its module calls `tf.variable_scope` / `tf.get_variable_scope` on the TF2 module, which
+    lacks them (AttributeError when it builds). Its `tf` becomes `tf.compat.v1`, which has
+    every name it uses. Remove when tensorpack/predict/multigpu.py imports `tfv1`.
+    """
+    from tensorpack.predict import multigpu
+    if not hasattr(multigpu.tf, 'variable_scope'):
+        multigpu.tf = tf.compat.v1
+
+
 def apply():
     """Apply every shim that needs TensorFlow imported; returns the `tensorflow` module."""
     import tensorflow as tf
     _patch_tf_global_variables(tf)
     _patch_tensorpack_logger_error()
     _patch_tensorpack_death_signal()
+    _patch_tensorpack_multitower(tf)
     return tf
 
 
