@@ -6,8 +6,12 @@ preprocessor stays light in the workers.
 
 Coordinates are x1y1x2y2 in pixels of the resized image fed to the graph, floating-point
 convention (pixel i covers [i, i+1)). Output names, dtypes and shapes follow NOTES.md
-("Graph inputs"); `input_names` gives their order in each datapoint.
+("Graph inputs"); `utils.graph_inputs.input_names` gives their order in each datapoint.
+
+The functions below take the config tree ``c`` they read (default: the global one); the
+preprocessor passes its own copy, so data workers never read or write the global config.
 """
+import copy
 import itertools
 import logging
 import math
@@ -22,19 +26,14 @@ from config import config as cfg
 from dataset import DatasetError, DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
 from utils.forked import release_freed_memory, run_in_forked_process
+from utils.graph_inputs import fpn_levels, image_pad_multiple, input_names
 from utils.np_box_ops import max_coverage, max_iou_over_gt
 from utils.serialized_list import SerializedList
 
-# msgpack-numpy between data workers and the trainer. tensorpack reads this variable when
-# it is first imported, so this only helps if nothing imported tensorpack before us
-# (`get_train_dataflow` warns otherwise).
-os.environ.setdefault('TENSORPACK_SERIALIZE', 'msgpack')
-
 logger = logging.getLogger(__name__)
 
-__all__ = ['image_pad_multiple', 'input_names', 'get_anchor_labels', 'get_rpn_anchor_input',
-           'get_multilevel_rpn_anchor_input', 'TrainingDataPreprocessor',
-           'get_train_dataflow', 'get_eval_dataflow']
+__all__ = ['get_anchor_labels', 'get_rpn_anchor_input', 'get_multilevel_rpn_anchor_input',
+           'TrainingDataPreprocessor', 'get_train_dataflow']
 
 # Anchor x ground-truth pairs per IoU block: ~16 MB per float32 temporary, whatever G.
 _IOU_CHUNK_PAIRS = 1 << 22
@@ -42,39 +41,7 @@ _IOU_CHUNK_PAIRS = 1 << 22
 _BUFFER_PER_WORKER = 4
 
 
-def image_pad_multiple(mode_fpn):
-    """The graph pads H and W up to a multiple of this: 32 (FPN); C4: 16 with
-    cfg.BACKBONE.C4_PAD_INPUT, else 1 (no padding, as tensorpack)."""
-    if mode_fpn:
-        return 32
-    return 16 if cfg.BACKBONE.C4_PAD_INPUT else 1
-
-
-def _fpn_levels():
-    """FPN level l of each stride 2^l in cfg.FPN.ANCHOR_STRIDES, e.g. [2, 3, 4, 5, 6]."""
-    return [int(round(math.log2(s))) for s in cfg.FPN.ANCHOR_STRIDES]
-
-
-def input_names(mode_fpn, mode_mask):
-    """The graph's training input names, in the order of every training datapoint.
-
-    FPN: image, anchor_labels_lvl{2..6}, anchor_boxes_lvl{2..6}, gt_boxes, gt_labels
-    [, gt_masks]; C4: image, anchor_labels, anchor_boxes, gt_boxes, gt_labels [, gt_masks].
-    """
-    names = ['image']
-    if mode_fpn:
-        levels = _fpn_levels()
-        names += ['anchor_labels_lvl{}'.format(lv) for lv in levels]
-        names += ['anchor_boxes_lvl{}'.format(lv) for lv in levels]
-    else:
-        names += ['anchor_labels', 'anchor_boxes']
-    names += ['gt_boxes', 'gt_labels']
-    if mode_mask:
-        names.append('gt_masks')
-    return names
-
-
-def get_anchor_labels(anchors, gt_boxes, crowd_boxes, rng=None):
+def get_anchor_labels(anchors, gt_boxes, crowd_boxes, rng=None, c=None):
     """RPN targets of the anchors that lie inside the image.
 
     Foreground: IoU >= RPN.POSITIVE_ANCHOR_THRESH with some gt, or the best anchor(s) of
@@ -87,12 +54,14 @@ def get_anchor_labels(anchors, gt_boxes, crowd_boxes, rng=None):
 
     Args:
         anchors: float32 [A, 4]; gt_boxes: float32 [G, 4] (non-crowd);
-        crowd_boxes: float32 [Gc, 4]; rng: np.random.Generator for the subsampling.
+        crowd_boxes: float32 [Gc, 4]; rng: np.random.Generator for the subsampling;
+        c: the config tree (default the global one).
     Returns:
         labels: int32 [A], 1 foreground, 0 background, -1 ignored.
         boxes: float32 [A, 4], the gt matched to each foreground anchor (best IoU), 0 elsewhere.
     """
     rng = np.random.default_rng() if rng is None else rng
+    rpn = (cfg if c is None else c).RPN
     anchors = np.asarray(anchors, dtype=np.float32).reshape(-1, 4)
     gt_boxes = np.asarray(gt_boxes, dtype=np.float32).reshape(-1, 4)
     crowd_boxes = np.asarray(crowd_boxes, dtype=np.float32).reshape(-1, 4)
@@ -104,20 +73,20 @@ def get_anchor_labels(anchors, gt_boxes, crowd_boxes, rng=None):
     if len(gt_boxes):
         max_iou, argmax, _, forced = max_iou_over_gt(
             anchors, gt_boxes, max_pairs=_IOU_CHUNK_PAIRS, best_anchors=True)
-        labels[max_iou >= cfg.RPN.NEGATIVE_ANCHOR_THRESH] = -1
-        labels[max_iou >= cfg.RPN.POSITIVE_ANCHOR_THRESH] = 1
+        labels[max_iou >= rpn.NEGATIVE_ANCHOR_THRESH] = -1
+        labels[max_iou >= rpn.POSITIVE_ANCHOR_THRESH] = 1
         labels[forced] = 1
     if len(crowd_boxes):
         cand = np.flatnonzero(labels >= 0)
         covered = max_coverage(anchors[cand], crowd_boxes, max_pairs=_IOU_CHUNK_PAIRS)
-        labels[cand[covered > cfg.RPN.CROWD_OVERLAP_THRESH]] = -1
+        labels[cand[covered > rpn.CROWD_OVERLAP_THRESH]] = -1
 
     fg = np.flatnonzero(labels == 1)
-    max_fg = int(cfg.RPN.BATCH_PER_IM * cfg.RPN.FG_RATIO)
+    max_fg = int(rpn.BATCH_PER_IM * rpn.FG_RATIO)
     if len(fg) > max_fg:
         labels[rng.choice(fg, len(fg) - max_fg, replace=False)] = -1
     bg = np.flatnonzero(labels == 0)
-    max_bg = cfg.RPN.BATCH_PER_IM - np.count_nonzero(labels == 1)
+    max_bg = rpn.BATCH_PER_IM - np.count_nonzero(labels == 1)
     if len(bg) > max_bg:
         labels[rng.choice(bg, len(bg) - max_bg, replace=False)] = -1
     if argmax is not None:
@@ -126,13 +95,13 @@ def get_anchor_labels(anchors, gt_boxes, crowd_boxes, rng=None):
     return labels, matched
 
 
-def _anchor_field_size(image_shape, mult):
+def _anchor_field_size(image_shape, mult, c):
     """The side the cached anchor grids cover: padded MAX_SIZE / CROP_SIZE (or the image)."""
-    side = max(cfg.PREPROC.MAX_SIZE, cfg.PREPROC.CROP_SIZE, *image_shape[:2])
+    side = max(c.PREPROC.MAX_SIZE, c.PREPROC.CROP_SIZE, *image_shape[:2])
     return padded_size(side, mult)
 
 
-def _anchor_targets(image_shape, boxes, is_crowd, grids, rng):
+def _anchor_targets(image_shape, boxes, is_crowd, grids, rng, c):
     """Label the anchors of several grids jointly.
 
     Args:
@@ -146,7 +115,7 @@ def _anchor_targets(image_shape, boxes, is_crowd, grids, rng):
     # Anchors crossing the (unpadded) image border are never trained on.
     inside, inside_anchors = filter_boxes_inside_shape(flat, image_shape)
     labels_in, boxes_in = get_anchor_labels(inside_anchors, boxes[~is_crowd], boxes[is_crowd],
-                                            rng)
+                                            rng, c)
     labels = np.full(len(flat), -1, dtype=np.int32)
     labels[inside] = labels_in
     matched = np.zeros((len(flat), 4), dtype=np.float32)
@@ -167,24 +136,26 @@ def _feature_shape(image_shape, mult, stride):
     return tuple(int(math.ceil(padded_size(s, mult) / stride)) for s in image_shape[:2])
 
 
-def get_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None):
+def get_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None, c=None):
     """C4 RPN targets.
 
     Args:
         image_shape: (H, W, ...) of the resized, unpadded image.
         boxes: float32 [N, 4] all instances; is_crowd: [N] 0/1.
+        rng: np.random.Generator; c: the config tree (default the global one).
     Returns:
         anchor_labels int32 [h, w, A], anchor_boxes float32 [h, w, A, 4], with
         h = ceil(Hp / RPN.ANCHOR_STRIDE), Hp = padded_size(H, 16), A = sizes x ratios.
     """
-    mult, stride = image_pad_multiple(False), cfg.RPN.ANCHOR_STRIDE
-    grid = get_all_anchors(stride, cfg.RPN.ANCHOR_SIZES, cfg.RPN.ANCHOR_RATIOS,
-                           _anchor_field_size(image_shape, mult), cfg.RPN.ANCHOR_OFFSET)
+    c = cfg if c is None else c
+    mult, stride = image_pad_multiple(False, c.BACKBONE.C4_PAD_INPUT), c.RPN.ANCHOR_STRIDE
+    grid = get_all_anchors(stride, c.RPN.ANCHOR_SIZES, c.RPN.ANCHOR_RATIOS,
+                           _anchor_field_size(image_shape, mult, c), c.RPN.ANCHOR_OFFSET)
     h, w = _feature_shape(image_shape, mult, stride)
-    return _anchor_targets(image_shape, boxes, is_crowd, [grid[:h, :w]], rng)[0]
+    return _anchor_targets(image_shape, boxes, is_crowd, [grid[:h, :w]], rng, c)[0]
 
 
-def get_multilevel_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None):
+def get_multilevel_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None, c=None):
     """FPN RPN targets, all levels labelled jointly (one foreground/background budget).
 
     Args: as `get_rpn_anchor_input`.
@@ -193,33 +164,16 @@ def get_multilevel_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None):
         anchor_boxes float32 [h_l, w_l, A, 4]), h_l = ceil(Hp / stride_l),
         Hp = padded_size(H, 32), A = len(RPN.ANCHOR_RATIOS).
     """
-    mult = image_pad_multiple(True)
-    grids = get_all_anchors_fpn(cfg.FPN.ANCHOR_STRIDES, cfg.RPN.ANCHOR_SIZES,
-                                cfg.RPN.ANCHOR_RATIOS, _anchor_field_size(image_shape, mult),
-                                cfg.RPN.ANCHOR_OFFSET)
+    c = cfg if c is None else c
+    mult = image_pad_multiple(True, c.BACKBONE.C4_PAD_INPUT)
+    grids = get_all_anchors_fpn(c.FPN.ANCHOR_STRIDES, c.RPN.ANCHOR_SIZES,
+                                c.RPN.ANCHOR_RATIOS, _anchor_field_size(image_shape, mult, c),
+                                c.RPN.ANCHOR_OFFSET)
     sliced = []
-    for stride, grid in zip(cfg.FPN.ANCHOR_STRIDES, grids):
+    for stride, grid in zip(c.FPN.ANCHOR_STRIDES, grids):
         h, w = _feature_shape(image_shape, mult, stride)
         sliced.append(grid[:h, :w])
-    return _anchor_targets(image_shape, boxes, is_crowd, sliced, rng)
-
-
-def _config_snapshot():
-    """(dotted key -> value, frozen) of the global config."""
-    def walk(tree, prefix):
-        for k, v in tree.items():
-            yield from walk(v, prefix + k + '.') if isinstance(v, dict) else [(prefix + k, v)]
-    return dict(walk(cfg.to_dict(), '')), cfg.is_frozen()
-
-
-def _restore_config(snapshot):
-    values, frozen = snapshot
-    if values == _config_snapshot()[0]:
-        return
-    cfg.freeze(False)
-    for key, value in values.items():
-        cfg.set_value(key, value)
-    cfg.freeze(frozen)
+    return _anchor_targets(image_shape, boxes, is_crowd, sliced, rng, c)
 
 
 def _parse_annotations(roidb):
@@ -241,14 +195,16 @@ def _instance_polygons(roidb, num):
 class TrainingDataPreprocessor:
     """roidb -> dict of the graph's training inputs (NOTES.md), or None to skip the image.
 
-    Picklable. The config is read when called; the one seen at construction travels with
-    the object, so a worker started with 'spawn' (fresh default config) uses it too. Each
-    process draws its own random stream (forked workers must not repeat each other).
+    Picklable. It reads only its own copy of the config, taken at construction, so a
+    worker started with 'spawn' (fresh default config) behaves the same and no worker ever
+    touches the global config. Each process draws its own random stream (forked workers
+    must not repeat each other).
     """
 
-    def __init__(self, seed=None):
-        """seed (int or None): augmentation seed; None draws one from the OS."""
-        self._config = _config_snapshot()
+    def __init__(self, seed=None, config=None):
+        """seed (int or None): augmentation seed; None draws one from the OS.
+        config: the (finalised) config tree to follow; default a copy of the global one."""
+        self.cfg = copy.deepcopy(cfg if config is None else config)
         self._seed = seed
         self._owner_pid = os.getpid()
         self._rng, self._rng_pid = None, None
@@ -259,10 +215,6 @@ class TrainingDataPreprocessor:
         state = dict(self.__dict__)
         state['_rng'], state['_rng_pid'] = None, None
         return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        _restore_config(self._config)
 
     def _get_rng(self):
         pid = os.getpid()
@@ -284,12 +236,12 @@ class TrainingDataPreprocessor:
         return None
 
     def _process(self, roidb):
-        rng = self._get_rng()
-        pre = cfg.PREPROC
-        img = read_image(roidb['file_name'])
+        rng, c = self._get_rng(), self.cfg
+        pre = c.PREPROC
+        img = read_image(roidb['file_name'], pre.IMAGE_CHANNELS, pre.CHANNEL_ORDER)
         boxes, klass, is_crowd = _parse_annotations(roidb)
-        segms = _instance_polygons(roidb, len(boxes)) if cfg.MODE_MASK else None
-        if cfg.MODE_MASK and roidb.get('segmentation') is None and not self._warned_no_masks:
+        segms = _instance_polygons(roidb, len(boxes)) if c.MODE_MASK else None
+        if c.MODE_MASK and roidb.get('segmentation') is None and not self._warned_no_masks:
             self._warned_no_masks = True
             logger.warning('"%s" has no segmentation: its gt_masks are full boxes (MODE_MASK '
                            'on detection-only data).', roidb['file_name'])
@@ -323,25 +275,25 @@ class TrainingDataPreprocessor:
         ret = {'image': np.ascontiguousarray(img, dtype=np.float32)}
         # RPN targets use every instance (memory is chunked anyway), so instances dropped
         # by MAX_GT_INSTANCES below do not turn their anchors into background.
-        if cfg.MODE_FPN:
-            targets = get_multilevel_rpn_anchor_input(img.shape, boxes, is_crowd, rng)
-            for lv, (labels, matched) in zip(_fpn_levels(), targets):
+        if c.MODE_FPN:
+            targets = get_multilevel_rpn_anchor_input(img.shape, boxes, is_crowd, rng, c)
+            for lv, (labels, matched) in zip(fpn_levels(c.FPN.ANCHOR_STRIDES), targets):
                 ret['anchor_labels_lvl{}'.format(lv)] = labels
                 ret['anchor_boxes_lvl{}'.format(lv)] = matched
         else:
             ret['anchor_labels'], ret['anchor_boxes'] = get_rpn_anchor_input(
-                img.shape, boxes, is_crowd, rng)
+                img.shape, boxes, is_crowd, rng, c)
 
-        limit = cfg.DATA.MAX_GT_INSTANCES
+        limit = c.DATA.MAX_GT_INSTANCES
         if 0 < limit < len(gt):
             logger.info('"%s": training on a random %d of its %d instances '
                         '(DATA.MAX_GT_INSTANCES).', roidb['file_name'], limit, len(gt))
             gt = np.sort(rng.choice(gt, limit, replace=False))
         ret['gt_boxes'] = boxes[gt]
         ret['gt_labels'] = klass[gt]
-        if cfg.MODE_MASK:
+        if c.MODE_MASK:
             # Each mask is rasterised in its own box frame: N x M^2 bytes, never H x W.
-            size = cfg.MRCNN.GT_MASK_SIZE
+            size = c.MRCNN.GT_MASK_SIZE
             masks = np.zeros((len(gt), size, size), dtype=np.uint8)
             for k, i in enumerate(gt):
                 masks[k] = polygons_to_box_frame_mask(segms[i], boxes[i], size)
@@ -354,14 +306,6 @@ def _has_usable_box(roidb):
     boxes, _, crowd = _parse_annotations(roidb)
     ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & ~crowd
     return bool(ok.any())
-
-
-def _check_serializer():
-    from tensorpack.dataflow import parallel_map
-    from tensorpack.utils.serialize import MsgpackSerializer
-    if parallel_map.dumps is not MsgpackSerializer.dumps:
-        logger.warning('Data workers do not use msgpack-numpy: set TENSORPACK_SERIALIZE=msgpack '
-                       'before tensorpack is first imported.')
 
 
 def _training_roidbs(shard):
@@ -388,7 +332,7 @@ def _training_roidbs(shard):
 
 
 def get_train_dataflow(shard=None):
-    """The training dataflow: lists ordered as `input_names(cfg.MODE_FPN, cfg.MODE_MASK)`.
+    """The training dataflow: lists ordered as `utils.graph_inputs.input_names`.
 
     Roidbs of every dataset in DATA.TRAIN are concatenated, images without a usable
     non-crowd box dropped (DATA.FILTER_EMPTY_ANNOTATIONS), shuffled each epoch and
@@ -399,6 +343,7 @@ def get_train_dataflow(shard=None):
         shard ((rank, size) or None): with Horovod, rank r takes every size-th image of one
             fixed permutation (the same on every rank, so the shards are disjoint).
     """
+    from utils.compat import warn_unless_msgpack  # sets TENSORPACK_SERIALIZE if still unset
     from tensorpack.dataflow import DataFromList, MapData, MultiProcessMapData
 
     workers = cfg.DATA.NUM_WORKERS
@@ -411,40 +356,10 @@ def get_train_dataflow(shard=None):
     preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank)
     ds = DataFromList(roidbs, shuffle=True)
     if workers > 0:
-        _check_serializer()
+        warn_unless_msgpack(logger)
         ds = MultiProcessMapData(ds, num_proc=workers, map_func=preprocess,
                                  buffer_size=_BUFFER_PER_WORKER * workers)
     else:
         ds = MapData(ds, preprocess)
-    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
     return MapData(ds, lambda dp: [dp[n] for n in names])
-
-
-class _EvalImageReader:
-    """roidb -> [image float32 [H, W, C] at original size, image_id], or None (logged)."""
-
-    def __init__(self):
-        self.num_skipped = 0
-
-    def __call__(self, roidb):
-        try:
-            return [read_image(roidb['file_name']), roidb['image_id']]
-        except ImageReadError as e:
-            self.num_skipped += 1
-            logger.warning('Skipping evaluation image (%d so far): %s', self.num_skipped, e)
-            return None
-
-
-def get_eval_dataflow(name, shard=0, num_shards=1):
-    """Images of dataset ``name``'s inference roidbs, as [image, image_id].
-
-    Shard k of n gets the k-th contiguous 1/n of the images (the last one the remainder).
-    Unreadable images are logged, counted and skipped.
-    """
-    from tensorpack.dataflow import DataFromList, MapData
-
-    roidbs = DatasetRegistry.get(name).inference_roidbs()
-    per_shard = len(roidbs) // num_shards
-    start = shard * per_shard
-    end = len(roidbs) if shard == num_shards - 1 else start + per_shard
-    return MapData(DataFromList(roidbs[start:end], shuffle=False), _EvalImageReader())

@@ -16,7 +16,6 @@ import os
 import time
 
 import numpy as np
-import tensorflow as tf
 from pycocotools import mask as mask_util
 from tensorpack.callbacks import Callback
 from tensorpack.utils import logger
@@ -29,8 +28,7 @@ from utils.distributed import predict_on_devices, predict_on_ranks
 __all__ = ['DetectionResult', 'get_inference_output_names', 'paste_mask', 'iter_paste_masks',
            'encode_mask', 'paste_masks_rle', 'predict_image', 'predict_image_with_proposals',
            'detection_to_dict', 'predict_dataflow', 'read_inference_images',
-           'predict_roidbs', 'evaluate_on_dataset', 'EvalCallback', 'PHASES', 'export_savedmodel',
-           'export_frozen_graph']
+           'predict_roidbs', 'evaluate_on_dataset', 'EvalCallback', 'PHASES']
 
 DetectionResult = collections.namedtuple('DetectionResult', ['box', 'score', 'class_id', 'mask'])
 DetectionResult.__doc__ = """One detection in the original image.
@@ -399,52 +397,3 @@ class EvalCallback(Callback):
             metrics = evaluate_on_dataset(name, self._predictors, output, self._horovod)
             for key, value in (metrics or {}).items():  # None on ranks other than 0
                 self.trainer.monitors.put_scalar('{}/{}'.format(name, key), value)
-
-
-def _signature_key(tensor):
-    """'output/boxes:0' -> 'boxes', 'image:0' -> 'image'."""
-    return tensor.op.name.split('/')[-1]
-
-
-def export_savedmodel(predictor, directory):
-    """Write a SavedModel (TF Serving / ``tf.saved_model.load``) of a predictor's graph.
-
-    Signature ``serving_default``: input ``image`` (float32 [H, W, C], the channels and
-    order of ``cfg.PREPROC``, raw pixels in [0, 255], already resized by the caller);
-    outputs ``boxes``, ``scores``, ``labels`` (and ``masks``) as in NOTES.md. Written with
-    ``tf.compat.v1`` directly: tensorpack's ``export_serving`` names the keys after tensors
-    ('output/boxes:0') and its ``export_compact`` fails on TF 2.18 (see `export_frozen_graph`).
-
-    Args:
-        predictor: a tensorpack ``OfflinePredictor`` (its graph, session and tensors).
-        directory (str): must not exist yet.
-    """
-    tf1 = tf.compat.v1
-    with predictor.graph.as_default():  # build_tensor_info refuses eager mode
-        info = tf1.saved_model.utils.build_tensor_info
-        signature = tf1.saved_model.signature_def_utils.build_signature_def(
-            inputs={_signature_key(t): info(t) for t in predictor.input_tensors},
-            outputs={_signature_key(t): info(t) for t in predictor.output_tensors},
-            method_name=tf1.saved_model.signature_constants.PREDICT_METHOD_NAME)
-        builder = tf1.saved_model.Builder(directory)
-        builder.add_meta_graph_and_variables(
-            predictor.sess, [tf1.saved_model.tag_constants.SERVING],
-            signature_def_map={'serving_default': signature})
-        builder.save()
-    logger.info('SavedModel written to {}.'.format(directory))
-
-
-def export_frozen_graph(predictor, filename):
-    """Write a predictor's graph with its variables frozen to constants as one GraphDef
-    (.pb). Inputs and outputs keep their graph names: ``image:0``, ``output/boxes:0``, ...
-
-    tensorpack 0.11's ``export_compact`` calls ``graph_util.convert_variables_to_constants``
-    from ``tensorflow.python.framework``, which TF 2.18 no longer has; this uses the public
-    ``tf.compat.v1.graph_util`` one.
-    """
-    names = [t.op.name for t in predictor.output_tensors]
-    frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
-        predictor.sess, predictor.graph.as_graph_def(), names)
-    with open(filename, 'wb') as f:
-        f.write(frozen.SerializeToString())
-    logger.info('Frozen graph written to {}.'.format(filename))

@@ -28,8 +28,8 @@ import json
 import os
 import sys
 
+from cli import USER_ERRORS, add_config_arguments, setup_config
 from config import config as cfg
-from train import setup_config
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -39,9 +39,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--load', required=True,
                    help='weights: a checkpoint directory or prefix, or an .npz file')
-    p.add_argument('--config-file', help='a YAML config file, applied before --config')
-    p.add_argument('--config', nargs='+', default=[], metavar='KEY=VALUE',
-                   help='config overrides; values are Python literals')
+    add_config_arguments(p)
     p.add_argument('--predict', nargs='+', metavar='PATH',
                    help='image files, folders and globs; one overlay PNG each in --output')
     p.add_argument('--output', default='predictions', help='folder for --predict / --visualize')
@@ -107,10 +105,10 @@ def predict_config(weights, extra_outputs=()):
     from tensorpack import PredictConfig
 
     from eval import get_inference_output_names
-    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
+    from modeling.generalized_rcnn import build_model
     from utils.distributed import horovod_local_rank_size
     from utils.precision import session_creator
-    model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
+    model = build_model()
     local_rank, local_size = horovod_local_rank_size()
     # all cores (tensorpack's default is 1 intra-op thread) and TRAIN.PRECISION's rewrite
     creator = session_creator(cfg.TRAIN.PRECISION, processes_per_machine=local_size)
@@ -303,7 +301,7 @@ def training_config_file(load):
 def main(args):
     """Run; a user error (config, path, dataset) ends with one "Error: ..." line, status 1."""
     from utils.distributed import init_horovod_if_launched
-    from utils.training import USER_ERRORS, WeightsLoader
+    from utils.training import WeightsLoader
     init_horovod_if_launched()  # under horovodrun: --evaluate shared by the ranks
     run_config = training_config_file(args.load)
     if args.config_file is None:
@@ -339,10 +337,10 @@ def run(args, weights):
         return 0
     predictor = build_predictor(weights)
     if args.export_savedmodel:
-        from eval import export_savedmodel
+        from export import export_savedmodel
         export_savedmodel(predictor, args.export_savedmodel)
     if args.export_pb:
-        from eval import export_frozen_graph
+        from export import export_frozen_graph
         export_frozen_graph(predictor, args.export_pb)
     if args.evaluate:
         run_evaluate(args, predictor, weights)

@@ -76,27 +76,6 @@ def _write_scene(folder, instances, image_hw, seed):
             'segmentation': [roidb['segmentation'][i] for i in keep]}
 
 
-def build_training_step():
-    """Training graph on placeholders -> (placeholders, total cost, {loss name: tensor},
-    train op), optimizer as in training (momentum, gradient accumulation)."""
-    import tensorflow.compat.v1 as tf
-    from tensorpack.tfutils.tower import TowerContext
-
-    from config import config as cfg
-    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
-    model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
-    placeholders = [tf.placeholder(s.dtype, s.shape, s.name) for s in model.inputs()]
-    with TowerContext('', is_training=True):
-        cost = model.build_graph(*placeholders)
-    global_step = tf.train.get_or_create_global_step()
-    opt = model.optimizer()
-    train_op = opt.apply_gradients(opt.compute_gradients(cost), global_step=global_step)
-    losses = {t.op.name: t for op in tf.get_default_graph().get_operations() for t in op.outputs
-              if t.op.name.endswith(('loss', 'wd_cost', 'total_cost'))
-              and t.dtype == tf.float32 and t.shape.ndims == 0}
-    return placeholders, cost, losses, train_op
-
-
 def measure(config, instances, image_hw, steps, warmup, seed=0):
     """In this process: build the graph, train ``warmup + steps`` steps on one scene.
 
@@ -112,13 +91,14 @@ def measure(config, instances, image_hw, steps, warmup, seed=0):
 
     from config import config as cfg, finalize_configs
     from data import TrainingDataPreprocessor
-    from dataset import register_shapes
+    from dataset import DatasetRegistry, register_shapes
     from modeling.generalized_rcnn import model_input_names
+    from modeling.training_graph import build_training_step
     from utils.precision import session_config
 
     register_shapes()
     cfg.update_args(DEFAULT_CONFIG + list(config))
-    finalize_configs(is_training=True, num_gpus=0)
+    finalize_configs(is_training=True, num_gpus=0, registry=DatasetRegistry)
     with tempfile.TemporaryDirectory() as tmp:
         roidb = _write_scene(tmp, instances, image_hw, seed)
         preprocess = TrainingDataPreprocessor(seed=seed)

@@ -34,9 +34,8 @@ def add_config_arguments(parser):
     """--profile, --config-file, --config, --onednn, --intra, --inter, --precision."""
     parser.add_argument('--profile', nargs='+', choices=sorted(PROFILES), default=['r50-fpn'],
                         help='model profiles, one measurement each (default r50-fpn)')
-    parser.add_argument('--config-file', help='YAML applied after the profile')
-    parser.add_argument('--config', nargs='+', default=[], metavar='KEY=VALUE',
-                        help='config overrides applied last, e.g. TRAIN.PRECISION=bf16')
+    from cli import add_config_arguments as add_cli_config_arguments
+    add_cli_config_arguments(parser)  # the YAML applies after the profile
     parser.add_argument('--onednn', choices=['default', '0', '1'], default='default',
                         help='TF_ENABLE_ONEDNN_OPTS for the measuring process (default: '
                              'inherited, else TensorFlow decides by CPU features)')
@@ -44,6 +43,17 @@ def add_config_arguments(parser):
     parser.add_argument('--inter', type=int, help='inter-op threads (default: utils.precision)')
     parser.add_argument('--repeat', type=int, default=1,
                         help='measurements per profile, each in a fresh process')
+
+
+def bench_parser(doc, warmup, unit):
+    """The argument parser of a profile script: `add_config_arguments`, ``--warmup``
+    (untimed ``unit``s first) and the internal ``--job``."""
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    p.add_argument('--warmup', type=int, default=warmup, help='untimed {} first'.format(unit))
+    p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
+    return p
 
 
 def jobs_from_args(args, **extra):
@@ -55,12 +65,12 @@ def jobs_from_args(args, **extra):
 
 def setup_config(profile, config_file, config, is_training):
     """Profile YAML, then ``config_file``, then ``config`` overrides; finalised for the
-    devices of this machine (train.py's `setup_config`)."""
+    devices of this machine (`cli.setup_config`)."""
+    from cli import setup_config as cli_setup_config
     from config import config as cfg
-    from train import setup_config as train_setup_config
     if PROFILES[profile]:
         cfg.load_yaml(PROFILES[profile])
-    train_setup_config(argparse.Namespace(config_file=config_file, config=config),
+    cli_setup_config(argparse.Namespace(config_file=config_file, config=config),
                        is_training=is_training)
 
 
@@ -90,7 +100,7 @@ def run_job(measure, job_json):
     """The child side of `run_isolated`: ``measure(**job)``, printed as one JSON line; a
     user error (bad config key or value, missing file, unknown dataset) as one line."""
     import utils.compat  # noqa: F401  (before utils.training imports TensorFlow)
-    from utils.training import USER_ERRORS
+    from cli import USER_ERRORS
     try:
         result = measure(**json.loads(job_json))
     except USER_ERRORS as e:

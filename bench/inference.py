@@ -39,7 +39,6 @@ One JSON line per measurement (each in a fresh process):
     error                              set when the graph could not run (e.g. NCHW on CPU)
 plus the config, precision, data format, threads, oneDNN state, load average, peak RSS.
 """
-import argparse
 import collections
 import os
 import statistics
@@ -87,13 +86,13 @@ def count_flops(image_hw, seed=0):
 
     from config import config as cfg
     from eval import get_inference_output_names
-    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel
+    from modeling.generalized_rcnn import build_model
     graph = tf.Graph()
     with graph.as_default():
         tf.set_random_seed(seed)
         image = tf.placeholder(tf.float32, list(image_hw) + [cfg.PREPROC.IMAGE_CHANNELS], 'image')
         with PredictTowerContext(''):
-            (ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()).build_graph(image)
+            build_model().build_graph(image)
         fetches = [graph.get_tensor_by_name(n + ':0')
                    for n in ['output/proposal_boxes'] + get_inference_output_names()]
         config = tf.ConfigProto()
@@ -205,14 +204,10 @@ def measure(profile, config_file, config, intra, inter, onednn, images, warmup, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    harness.add_config_arguments(p)
+    p = harness.bench_parser(__doc__, warmup=2, unit='images')
     p.add_argument('--images', type=int, default=5, help='timed images (medians reported)')
-    p.add_argument('--warmup', type=int, default=2, help='untimed images first')
     p.add_argument('--no-flops', dest='flops', action='store_false',
                    help='skip the FLOP count (it builds and runs the graph once more)')
-    p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = p.parse_args(argv)
     if args.job:
         return harness.run_job(measure, args.job)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What each memory knob (seed 000) buys: peak memory and step time, one knob at a time.
+"""What each memory knob buys: peak memory and step time, one knob at a time.
 
     python bench/memory_knobs.py                       # every knob below
     python bench/memory_knobs.py --knobs depth accumulation --steps 2

@@ -81,7 +81,7 @@ def soak_train(steps, every):
     from tensorpack.train import SimpleTrainer, TrainConfig, launch_train_with_config
 
     from data import get_train_dataflow
-    from modeling.generalized_rcnn import ResNetFPNModel
+    from modeling.generalized_rcnn import build_model
     samples = [(0, rss_mb())]
 
     class SampleRSS(Callback):
@@ -94,7 +94,7 @@ def soak_train(steps, every):
                 samples.append((self.global_step, rss_mb()))
 
     launch_train_with_config(TrainConfig(
-        model=ResNetFPNModel(), dataflow=get_train_dataflow(), callbacks=[SampleRSS()],
+        model=build_model(), dataflow=get_train_dataflow(), callbacks=[SampleRSS()],
         steps_per_epoch=every, max_epoch=steps // every, monitors=[]), SimpleTrainer())
     return samples
 
@@ -113,7 +113,7 @@ def main(argv=None):
     import utils.compat  # noqa: F401  (before TensorFlow)
     from tensorpack.utils import logger
 
-    from utils.training import USER_ERRORS
+    from cli import USER_ERRORS
     try:
         harness.setup_config('r50-fpn', None, TINY + args.config, is_training=True)
     except USER_ERRORS as e:

@@ -27,7 +27,6 @@ One JSON line per measurement (each in a fresh process):
 plus the config, precision, data format, threads, oneDNN state, load average and peak RSS
 (``peak_rss_mb``, the whole process).
 """
-import argparse
 import os
 import statistics
 import sys
@@ -37,23 +36,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench import harness  # noqa: E402
-
-
-def build_training_step(model):
-    """The training graph of ``model`` as tensorpack's SimpleTrainer builds it.
-
-    Returns:
-        (placeholders in ``model.get_input_signature()`` order, train op, total cost).
-    """
-    import tensorflow.compat.v1 as tf
-    from tensorpack.input_source import PlaceholderInput
-    from tensorpack.train import SimpleTrainer
-    source = PlaceholderInput()
-    trainer = SimpleTrainer()
-    trainer.setup_graph(model.get_input_signature(), source, model.build_graph,
-                        model.get_optimizer)
-    cost = tf.get_default_graph().get_tensor_by_name('total_cost:0')
-    return source.get_input_tensors(), trainer.train_op, cost
 
 
 def measure(profile, config_file, config, intra, inter, onednn, steps, warmup):
@@ -72,7 +54,8 @@ def measure(profile, config_file, config, intra, inter, onednn, steps, warmup):
 
     from config import config as cfg
     from data import TrainingDataPreprocessor
-    from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel, model_input_names
+    from modeling.generalized_rcnn import model_input_names
+    from modeling.training_graph import build_training_step
     from utils.precision import session_config
     job = dict(profile=profile, config_file=config_file, config=config, intra=intra,
                inter=inter)
@@ -86,8 +69,7 @@ def measure(profile, config_file, config, intra, inter, onednn, steps, warmup):
     start = time.perf_counter()
     with tf.Graph().as_default():
         tf.set_random_seed(0)
-        placeholders, train_op, cost = build_training_step(
-            ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model())
+        placeholders, cost, _, train_op = build_training_step()
         feed = dict(zip(placeholders, (datapoint[n] for n in model_input_names(True))))
         with tf.Session(config=session_config(cfg.TRAIN.PRECISION, intra, inter)) as sess:
             sess.run(tf.global_variables_initializer())
@@ -111,12 +93,8 @@ def measure(profile, config_file, config, intra, inter, onednn, steps, warmup):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    harness.add_config_arguments(p)
+    p = harness.bench_parser(__doc__, warmup=1, unit='steps')
     p.add_argument('--steps', type=int, default=3, help='timed steps (median reported)')
-    p.add_argument('--warmup', type=int, default=1, help='untimed steps first')
-    p.add_argument('--job', help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = p.parse_args(argv)
     if args.job:
         return harness.run_job(measure, args.job)

@@ -9,10 +9,10 @@ from .coco import _load_json, register_coco, register_coco_json, unused_categori
 from .dataset import DatasetError, DatasetRegistry, DatasetRegistryError, DatasetSplit
 from .shapes import register_shapes
 
-__all__ = ["DatasetSplit", "DatasetRegistry", "DatasetRegistryError", "DatasetError",
-           "register_coco",
-           "register_coco_json", "register_balloon", "register_shapes",
-           "register_builtin_datasets"]
+__all__ = ['DatasetSplit', 'DatasetRegistry', 'DatasetRegistryError', 'DatasetError',
+           'register_coco',
+           'register_coco_json', 'register_balloon', 'register_shapes',
+           'register_builtin_datasets']
 
 logger = logging.getLogger(__name__)
 

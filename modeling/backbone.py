@@ -8,7 +8,7 @@ Stages are counted 0 (stem: conv0 + max pool) to 4 (res5). The first
 TRAINABLE_VARIABLES collection (so neither the optimizer nor weight decay touches them),
 their BatchNorms use the stored statistics, and their output goes through
 ``tf.stop_gradient`` so no backward memory is spent on them -- unless ``train_conv0`` keeps
-the stem trainable (new input channels, seed 000), in which case gradients flow through
+the stem trainable (new input channels), in which case gradients flow through
 the frozen stages down to conv0.
 
 Feature maps use ``cfg.BACKBONE.DATA_FORMAT``: [1, C, H, W] (NCHW) or [1, H, W, C] (NHWC).
@@ -23,14 +23,18 @@ from tensorpack.tfutils.varreplace import custom_getter_scope
 from tensorpack.utils.argtools import get_data_format
 
 from config import config as cfg
+from config_defaults import DEPTHS, TRAINABLE_LAYERS
+from utils.compat import frozen_variable_getter
 
 __all__ = ['GroupNorm', 'num_blocks_for_depth', 'block_func_for_depth', 'num_frozen_stages',
            'backbone_scope', 'resnet_c4_backbone', 'resnet_conv5', 'resnet_fpn_backbone',
            'channel_axis', 'feature_data_format']
 
-# Stages frozen by each BACKBONE.TRAINABLE value: 'heads' freezes all 5 (stem + res2..res5).
-_FROZEN_BY_TRAINABLE = {'all': 0, '3+': 2, '4+': 3, '5+': 4, 'heads': 5}
-_NUM_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
+# Stages frozen by each BACKBONE.TRAINABLE value (config_defaults.TRAINABLE_LAYERS, in
+# order): 'all' none, '3+' stem + res2, ..., 'heads' all 5 (stem + res2..res5).
+FROZEN_STAGES_BY_TRAINABLE = dict(zip(TRAINABLE_LAYERS, (0, 2, 3, 4, 5)))
+# Residual blocks of res2..res5 for each of config_defaults.DEPTHS.
+BLOCKS_FOR_DEPTH = dict(zip(DEPTHS, ([2, 2, 2, 2], [3, 4, 6, 3], [3, 4, 6, 3], [3, 4, 23, 3])))
 
 
 @layer_register(log_shape=True)
@@ -66,10 +70,9 @@ def GroupNorm(x, group=32, gamma_initializer=tf.ones_initializer(),
 
 def num_blocks_for_depth(depth):
     """Residual blocks per group (res2..res5) of ResNet-``depth``."""
-    if depth not in _NUM_BLOCKS:
-        raise ValueError('BACKBONE.DEPTH must be one of {}, got {}.'.format(
-            sorted(_NUM_BLOCKS), depth))
-    return list(_NUM_BLOCKS[depth])
+    if depth not in BLOCKS_FOR_DEPTH:
+        raise ValueError('BACKBONE.DEPTH must be one of {}, got {}.'.format(DEPTHS, depth))
+    return list(BLOCKS_FOR_DEPTH[depth])
 
 
 def block_func_for_depth(depth):
@@ -89,7 +92,7 @@ def num_frozen_stages(freeze_at=None, trainable=None):
     """
     freeze_at = cfg.BACKBONE.FREEZE_AT if freeze_at is None else freeze_at
     trainable = cfg.BACKBONE.TRAINABLE if trainable is None else trainable
-    return max(freeze_at, _FROZEN_BY_TRAINABLE[trainable])
+    return max(freeze_at, FROZEN_STAGES_BY_TRAINABLE[trainable])
 
 
 def channel_axis():
@@ -124,22 +127,8 @@ def backbone_scope(freeze):
     with argscope([Conv2D, MaxPooling, BatchNorm, GroupNorm], data_format=feature_data_format()), \
             argscope(Conv2D, use_bias=(norm == 'None'), kernel_initializer=init), \
             argscope(BatchNorm, **bn_args), \
-            (custom_getter_scope(_frozen_getter) if freeze else contextlib.nullcontext()):
+            (custom_getter_scope(frozen_variable_getter) if freeze else contextlib.nullcontext()):
         yield
-
-
-def _frozen_getter(getter, *args, **kwargs):
-    """Create/get a variable outside TRAINABLE_VARIABLES, but keep a would-be-trainable
-    one in MODEL_VARIABLES, where tensorpack's savers and exporters look for weights.
-    (tensorpack's freeze_variables does this too, but its isinstance check misses the
-    resource variables of TF 2, so frozen weights would drop out of MODEL_VARIABLES.)"""
-    trainable = kwargs.get('trainable', True)
-    kwargs['trainable'] = False
-    var = getter(*args, **kwargs)
-    model_vars = tf.get_collection_ref(tf.GraphKeys.MODEL_VARIABLES)
-    if trainable and not any(v is var for v in model_vars):
-        model_vars.append(var)
-    return var
 
 
 def _norm(x, zero_init=False):
@@ -160,9 +149,7 @@ def _norm_relu(x):
 
 def _pad(x, before, after):
     """Explicit spatial padding before a strided VALID conv/pool, so feature sizes are
-    exactly H / stride for H divisible by the stride. TF_PAD_MODE mirrors it (TF 'SAME')."""
-    if cfg.BACKBONE.TF_PAD_MODE:
-        before, after = after, before
+    exactly H / stride for H divisible by the stride."""
     spatial = [before, after]
     if feature_data_format() == 'NCHW':
         return tf.pad(x, [[0, 0], [0, 0], spatial, spatial])

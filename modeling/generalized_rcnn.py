@@ -1,12 +1,17 @@
 """The full models: backbone -> (FPN) -> RPN -> box head(s) -> mask head.
 
-``ResNetC4Model`` and ``ResNetFPNModel`` are tensorpack ``ModelDesc``s. Their inputs are
+``build_model()`` is the one way to get the model of the config: ``ResNetC4Model``,
+``ResNetFPNModel`` or ``CascadeRCNNModel``, tensorpack ``ModelDesc``s. Their inputs are
 the tensors of NOTES.md ("Graph inputs"); in training ``build_graph`` returns the total
 cost, in inference it defines the stable outputs ``output/boxes`` [N, 4] (pixels of the
 fed image), ``output/scores`` [N], ``output/labels`` int32 [N] in 1..C and, with
-MODE_MASK, ``output/masks`` [N, R, R] probabilities (R = 28 for FPN, 14 for C4), plus
-``output/proposal_boxes`` [P, 4] and their objectness logits ``output/proposal_scores`` [P]
-(visualisation, comparisons with tensorpack).
+MODE_MASK, ``output/masks`` [N, R, R] probabilities (R = MRCNN.RESOLUTION for FPN, 14 for
+C4), plus ``output/proposal_boxes`` [P, 4] and their objectness logits
+``output/proposal_scores`` [P] (visualisation, comparisons with tensorpack).
+
+``GeneralizedRCNN.build_graph`` calls three hooks in order, each declared (with shapes) on
+the base class: ``backbone`` -> ``rpn`` -> ``roi_heads``. The FPN models add one more,
+``box_head``, which the cascade overrides.
 """
 import utils.compat  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
@@ -17,11 +22,10 @@ from tensorpack import ModelDesc
 from tensorpack.models import GlobalAvgPooling, l2_regularizer, regularize_cost
 from tensorpack.tfutils import optimizer
 from tensorpack.tfutils.summary import add_moving_summary
-from tensorpack.tfutils.tower import get_current_tower_context
 
 from config import config as cfg
-from data import image_pad_multiple, input_names
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
+from utils.graph_inputs import image_pad_multiple, input_names
 from utils.precision import wrap_optimizer
 
 from . import model_frcnn, model_mrcnn
@@ -35,16 +39,28 @@ from .model_frcnn import (BoxProposals, FastRCNNHead, fastrcnn_outputs, fastrcnn
 from .model_mrcnn import crop_gt_masks, maskrcnn_loss, maskrcnn_upXconv_head
 from .model_rpn import RPNAnchors, generate_rpn_proposals, rpn_head, rpn_losses
 
-__all__ = ['ResNetC4Model', 'ResNetFPNModel', 'model_input_names']
+__all__ = ['build_model', 'GeneralizedRCNN', 'ResNetC4Model', 'ResNetFPNModel',
+           'CascadeRCNNModel', 'model_input_names']
+
+
+def build_model():
+    """The model the global config describes (MODE_FPN, CASCADE.ENABLED), not yet built."""
+    if not cfg.MODE_FPN:
+        return ResNetC4Model()
+    return CascadeRCNNModel() if cfg.CASCADE.ENABLED else ResNetFPNModel()
 
 
 def model_input_names(is_training):
     """Ordered graph input names (NOTES.md); training datapoints are lists in this order."""
-    return input_names(cfg.MODE_FPN, cfg.MODE_MASK) if is_training else ['image']
+    if not is_training:
+        return ['image']
+    return input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
 
 
 class GeneralizedRCNN(ModelDesc):
-    """Shared parts: inputs, image normalisation and padding, optimizer, the cost."""
+    """Shared parts: inputs, image normalisation and padding, optimizer, the cost; the
+    hooks ``backbone``, ``rpn`` and ``roi_heads`` are the subclasses' (NotImplementedError
+    here). ``self.training`` (tensorpack) tells whether the graph is a training tower."""
 
     def inputs(self):
         c = cfg.PREPROC.IMAGE_CHANNELS
@@ -84,7 +100,7 @@ class GeneralizedRCNN(ModelDesc):
             mean = tf.constant(cfg.PREPROC.PIXEL_MEAN, tf.float32)
             std = tf.constant(cfg.PREPROC.PIXEL_STD, tf.float32)
             image = (image - mean) * (1. / std)
-            mult = image_pad_multiple(cfg.MODE_FPN)
+            mult = image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT)
             if mult > 1:
                 shape = tf.shape(image)[:2]
                 padded = tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) / mult) * mult,
@@ -97,7 +113,7 @@ class GeneralizedRCNN(ModelDesc):
             return image
 
     def build_graph(self, *inputs):
-        inputs = dict(zip(model_input_names(get_current_tower_context().is_training), inputs))
+        inputs = dict(zip(model_input_names(self.training), inputs))
         image_shape2d = tf.shape(inputs['image'])[:2]
         image = self.preprocess(inputs['image'])
         # conv0 must learn when the input channels differ from pretrained 3-channel weights
@@ -105,12 +121,49 @@ class GeneralizedRCNN(ModelDesc):
         features = self.backbone(image, train_conv0)
         proposals, rpn_losses_ = self.rpn(features, inputs, image_shape2d)
         head_losses = self.roi_heads(features, proposals, inputs, image_shape2d)
-        if not get_current_tower_context().is_training:
+        if not self.training:
             return None
         wd_cost = regularize_cost('.*/W', l2_regularizer(cfg.TRAIN.WEIGHT_DECAY), name='wd_cost')
         total_cost = tf.add_n(rpn_losses_ + head_losses + [wd_cost], 'total_cost')
         add_moving_summary(total_cost, wd_cost)
         return total_cost
+
+    def backbone(self, image, train_conv0):
+        """Feature maps of the preprocessed image.
+
+        Args:
+            image: float32 [1, Hp, Wp, C] or [1, C, Hp, Wp] (BACKBONE.DATA_FORMAT), from
+                ``preprocess``.
+            train_conv0 (bool): the stem conv trains even where BACKBONE.FREEZE_AT freezes it.
+        Returns:
+            list of float32 [1, ch, Hp / s, Wp / s] (or NHWC) maps: [C4] at s = 16 (C4
+            model) or [P2, ..., P6] at s = FPN.ANCHOR_STRIDES (FPN models).
+        """
+        raise NotImplementedError
+
+    def rpn(self, features, inputs, image_shape2d):
+        """Region proposals and, in training, the RPN losses.
+
+        Args:
+            features: the list ``backbone`` returned.
+            inputs: dict of the graph inputs by name (NOTES.md), anchors included in training.
+            image_shape2d: int32 [2], (H, W) of the unpadded input image.
+        Returns:
+            (BoxProposals of boxes float32 [P, 4] in image pixels, list of scalar losses;
+            [] in inference). Also names the boxes ``output/proposal_boxes``.
+        """
+        raise NotImplementedError
+
+    def roi_heads(self, features, proposals, inputs, image_shape2d):
+        """Box (and mask) heads on the proposals.
+
+        Args:
+            features, inputs, image_shape2d: as ``rpn``; proposals: what ``rpn`` returned.
+        Returns:
+            list of scalar losses in training; in inference [] after defining the
+            ``output/boxes``, ``output/scores``, ``output/labels`` (and ``output/masks``).
+        """
+        raise NotImplementedError
 
     def mask_outputs(self, mask_logits, labels):
         """[N, C, R, R] logits, labels int32 [N] in 1..C -> ``output/masks`` [N, R, R]."""
@@ -143,9 +196,9 @@ class ResNetC4Model(GeneralizedRCNN):
 
     def rpn(self, features, inputs, image_shape2d):
         featuremap = features[0]
-        training = get_current_tower_context().is_training
+        training = self.training
         label_logits, box_logits = rpn_head('rpn', featuremap, cfg.RPN.HEAD_DIM, cfg.RPN.NUM_ANCHOR)
-        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN))
+        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT))
         all_anchors = get_all_anchors(cfg.RPN.ANCHOR_STRIDE, cfg.RPN.ANCHOR_SIZES,
                                       cfg.RPN.ANCHOR_RATIOS, max_size, cfg.RPN.ANCHOR_OFFSET)
         anchors = RPNAnchors(all_anchors, inputs.get('anchor_labels'),
@@ -173,8 +226,7 @@ class ResNetC4Model(GeneralizedRCNN):
 
     def roi_heads(self, features, proposals, inputs, image_shape2d):
         featuremap = features[0]
-        training = get_current_tower_context().is_training
-        if training:
+        if self.training:
             proposals = sample_fast_rcnn_targets(proposals.boxes, inputs['gt_boxes'],
                                                  inputs['gt_labels'])
         res5 = self._res5_features(featuremap, proposals.boxes)
@@ -182,7 +234,7 @@ class ResNetC4Model(GeneralizedRCNN):
         label_logits, box_logits = fastrcnn_outputs('fastrcnn', gap, cfg.DATA.NUM_CATEGORY)
         head = FastRCNNHead(proposals, box_logits, label_logits, inputs.get('gt_boxes'),
                             cfg.FRCNN.BBOX_REG_WEIGHTS)
-        if training:
+        if self.training:
             losses = list(head.losses())
             if cfg.MODE_MASK:
                 fg_res5 = tf.gather(res5, proposals.fg_inds())
@@ -197,15 +249,14 @@ class ResNetC4Model(GeneralizedRCNN):
 
 
 class ResNetFPNModel(GeneralizedRCNN):
-    """ResNet -> FPN P2..P6 -> RPN per level -> multilevel RoIAlign -> box head(s) -> mask."""
+    """ResNet -> FPN P2..P6 -> RPN per level -> multilevel RoIAlign -> box head -> mask."""
 
     def backbone(self, image, train_conv0):
         c2345 = resnet_fpn_backbone(image, num_blocks_for_depth(cfg.BACKBONE.DEPTH), train_conv0)
         return fpn_model('fpn', c2345)
 
     def rpn(self, features, inputs, image_shape2d):
-        training = get_current_tower_context().is_training
-        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN))
+        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT))
         all_anchors = get_all_anchors_fpn(cfg.FPN.ANCHOR_STRIDES, cfg.RPN.ANCHOR_SIZES,
                                           cfg.RPN.ANCHOR_RATIOS, max_size, cfg.RPN.ANCHOR_OFFSET)
         anchors, label_logits, box_logits = [], [], []
@@ -222,46 +273,71 @@ class ResNetFPNModel(GeneralizedRCNN):
             box_logits.append(deltas)
         pred_boxes = [a.decode_logits(d) for a, d in zip(anchors, box_logits)]
         proposals, proposal_scores = generate_fpn_proposals(pred_boxes, label_logits,
-                                                            image_shape2d)
+                                                            image_shape2d, self.training)
         tf.identity(proposals, name='output/proposal_boxes')
         tf.identity(proposal_scores, name='output/proposal_scores')
-        if not training:
+        if not self.training:
             return BoxProposals(proposals), []
         losses = multilevel_rpn_losses(anchors, label_logits, box_logits)
         return BoxProposals(proposals), list(losses)
 
+    def box_head(self, roi_func, proposals, inputs, image_shape2d):
+        """The box head on the RPN's proposals: one Fast R-CNN head (scope ``fastrcnn``).
+
+        Args:
+            roi_func: boxes float32 [K, 4] -> RoI features [K, ch, 7, 7] (or NHWC).
+            proposals: BoxProposals from ``rpn``; inputs, image_shape2d: as ``rpn``.
+        Returns:
+            (proposals, head): the proposals sampled with targets in training (else as
+            given), and a head with ``losses()``, ``decoded_output_boxes()`` [K, C+1, 4]
+            and ``output_scores(name)`` [K, C+1].
+        """
+        if self.training:
+            proposals = sample_fast_rcnn_targets(proposals.boxes, inputs['gt_boxes'],
+                                                 inputs['gt_labels'],
+                                                 fg_thresh=cfg.FRCNN.FG_THRESH)
+        head_func = model_frcnn.HEAD_FUNCS[cfg.FPN.FRCNN_HEAD_FUNC]
+        feature = head_func('fastrcnn', roi_func(proposals.boxes))
+        label_logits, box_logits = fastrcnn_outputs('fastrcnn/outputs', feature,
+                                                    cfg.DATA.NUM_CATEGORY)
+        return proposals, FastRCNNHead(proposals, box_logits, label_logits,
+                                       inputs.get('gt_boxes'), cfg.FRCNN.BBOX_REG_WEIGHTS)
+
     def roi_heads(self, features, proposals, inputs, image_shape2d):
         p2345 = features[:4]
-        training = get_current_tower_context().is_training
-        num_cat = cfg.DATA.NUM_CATEGORY
-        head_func = getattr(model_frcnn, cfg.FPN.FRCNN_HEAD_FUNC)
-        if training:
-            fg_thresh = cfg.CASCADE.IOUS[0] if cfg.CASCADE.ENABLED else cfg.FRCNN.FG_THRESH
-            proposals = sample_fast_rcnn_targets(proposals.boxes, inputs['gt_boxes'],
-                                                 inputs['gt_labels'], fg_thresh=fg_thresh)
 
         def roi_func(boxes):
             return multilevel_roi_align(p2345, boxes, 7)
 
-        if cfg.CASCADE.ENABLED:
-            head = CascadeRCNNHead(proposals, roi_func, head_func,
-                                   (inputs.get('gt_boxes'), inputs.get('gt_labels')),
-                                   image_shape2d, num_cat)
-        else:
-            feature = head_func('fastrcnn', roi_func(proposals.boxes))
-            label_logits, box_logits = fastrcnn_outputs('fastrcnn/outputs', feature, num_cat)
-            head = FastRCNNHead(proposals, box_logits, label_logits, inputs.get('gt_boxes'),
-                                cfg.FRCNN.BBOX_REG_WEIGHTS)
-        mask_head = getattr(model_mrcnn, cfg.FPN.MRCNN_HEAD_FUNC)
-        if training:
+        proposals, head = self.box_head(roi_func, proposals, inputs, image_shape2d)
+        mask_head = model_mrcnn.HEAD_FUNCS[cfg.FPN.MRCNN_HEAD_FUNC]
+        # the mask head upsamples its RoI features 2x to MRCNN.RESOLUTION
+        mask_roi_size = cfg.MRCNN.RESOLUTION // 2
+        num_cat = cfg.DATA.NUM_CATEGORY
+        if self.training:
             losses = list(head.losses())
             if cfg.MODE_MASK:
-                rois = multilevel_roi_align(p2345, proposals.fg_boxes(), 14)
+                rois = multilevel_roi_align(p2345, proposals.fg_boxes(), mask_roi_size)
                 logits = mask_head('maskrcnn', rois, num_cat)
                 losses += self.mask_losses(logits, proposals, inputs, cfg.MRCNN.RESOLUTION)
             return losses
         boxes, _, labels = _final_detections(head, image_shape2d)
         if cfg.MODE_MASK:
-            logits = mask_head('maskrcnn', multilevel_roi_align(p2345, boxes, 14), num_cat)
-            self.mask_outputs(logits, labels)
+            rois = multilevel_roi_align(p2345, boxes, mask_roi_size)
+            self.mask_outputs(mask_head('maskrcnn', rois, num_cat), labels)
         return []
+
+
+class CascadeRCNNModel(ResNetFPNModel):
+    """The FPN model with Cascade R-CNN's box heads (CASCADE.*) in place of Fast R-CNN's."""
+
+    def box_head(self, roi_func, proposals, inputs, image_shape2d):
+        """As ``ResNetFPNModel.box_head``; stage 1 samples at IoU CASCADE.IOUS[0]."""
+        if self.training:
+            proposals = sample_fast_rcnn_targets(proposals.boxes, inputs['gt_boxes'],
+                                                 inputs['gt_labels'],
+                                                 fg_thresh=cfg.CASCADE.IOUS[0])
+        head = CascadeRCNNHead(proposals, roi_func, model_frcnn.HEAD_FUNCS[cfg.FPN.FRCNN_HEAD_FUNC],
+                               (inputs.get('gt_boxes'), inputs.get('gt_labels')),
+                               image_shape2d, cfg.DATA.NUM_CATEGORY, self.training)
+        return proposals, head

@@ -10,7 +10,6 @@ import utils.compat  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow.compat.v1 as tf
 from tensorpack.models import Conv2D
 from tensorpack.tfutils.argscope import argscope
-from tensorpack.tfutils.tower import get_current_tower_context
 
 from config import config as cfg
 from modeling.backbone import GroupNorm, feature_data_format
@@ -140,7 +139,8 @@ def multilevel_rpn_losses(multilevel_anchors, multilevel_label_logits,
         return rpn_losses(labels, targets, label_logits, box_logits)
 
 
-def generate_fpn_proposals(multilevel_pred_boxes, multilevel_label_logits, image_shape2d):
+def generate_fpn_proposals(multilevel_pred_boxes, multilevel_label_logits, image_shape2d,
+                           training):
     """Proposals from all levels, per cfg.FPN.PROPOSAL_MODE.
 
     'Level': each level keeps its top cfg.RPN.{TRAIN,TEST}_PER_LEVEL_NMS_TOPK before and
@@ -151,10 +151,10 @@ def generate_fpn_proposals(multilevel_pred_boxes, multilevel_label_logits, image
         multilevel_pred_boxes: per level float32 [h_l, w_l, A, 4] decoded boxes.
         multilevel_label_logits: per level float32 [h_l, w_l, A].
         image_shape2d: int32 [2] (h, w) of the padded image.
+        training (bool): the TRAIN_ or TEST_ top-k values.
     Returns:
         boxes float32 [K, 4], scores float32 [K] (logits), K <= POST_NMS_TOPK; no gradient.
     """
-    training = get_current_tower_context().is_training
     post_topk = cfg.RPN.TRAIN_POST_NMS_TOPK if training else cfg.RPN.TEST_POST_NMS_TOPK
     boxes = [tf.reshape(b, [-1, 4]) for b in multilevel_pred_boxes]
     scores = [tf.reshape(s, [-1]) for s in multilevel_label_logits]

@@ -14,21 +14,22 @@ from tensorpack.tfutils.summary import add_moving_summary
 from tensorpack.utils.argtools import memoized_method
 
 from config import config as cfg
+from config_defaults import FRCNN_HEAD_FUNCS
 
 from .backbone import GroupNorm
 from .model_box import decode_bbox_target, encode_bbox_target, pairwise_iou
 
-__all__ = ['GT_CHUNK', 'best_gt_match', 'sample_fast_rcnn_targets', 'match_boxes_to_gt',
+__all__ = ['GT_MATCH_CHUNK', 'best_gt_match', 'sample_fast_rcnn_targets', 'match_boxes_to_gt',
            'BoxProposals', 'fastrcnn_outputs', 'fastrcnn_losses', 'FastRCNNHead',
            'fastrcnn_predictions', 'fastrcnn_2fc_head', 'fastrcnn_Xconv1fc_head',
-           'fastrcnn_4conv1fc_head', 'fastrcnn_4conv1fc_gn_head']
+           'fastrcnn_4conv1fc_head', 'fastrcnn_4conv1fc_gn_head', 'HEAD_FUNCS']
 
-# Ground truth is matched GT_CHUNK boxes at a time, so the IoU block alive at once is
-# [N, GT_CHUNK], never [N, G]: dense scenes with thousands of instances fit (seed 001).
-GT_CHUNK = 256
+# Ground truth is matched GT_MATCH_CHUNK boxes at a time, so the IoU block alive at once is
+# [N, GT_MATCH_CHUNK], never [N, G]: dense scenes with thousands of instances fit.
+GT_MATCH_CHUNK = 256
 
 
-def best_gt_match(boxes, gt_boxes, chunk=GT_CHUNK):
+def best_gt_match(boxes, gt_boxes, chunk=GT_MATCH_CHUNK):
     """The best-overlapping ground truth of every box, without an [N, G] IoU matrix.
 
     A while-loop walks the ground truth ``chunk`` boxes at a time keeping a running max and
@@ -400,3 +401,8 @@ def fastrcnn_4conv1fc_head(*args, **kwargs):
 
 def fastrcnn_4conv1fc_gn_head(*args, **kwargs):
     return fastrcnn_Xconv1fc_head(*args, num_convs=4, norm='GN', **kwargs)
+
+
+# FPN.FRCNN_HEAD_FUNC name -> function; the names are config_defaults.FRCNN_HEAD_FUNCS
+# (validated by config.py).
+HEAD_FUNCS = {name: globals()[name] for name in FRCNN_HEAD_FUNCS}

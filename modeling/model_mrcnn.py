@@ -12,12 +12,13 @@ from tensorpack.tfutils.scope_utils import under_name_scope
 from tensorpack.tfutils.summary import add_moving_summary
 
 from config import config as cfg
+from config_defaults import MRCNN_HEAD_FUNCS
 
 from .backbone import GroupNorm
 from .model_box import crop_and_resize_aligned
 
 __all__ = ['maskrcnn_loss', 'maskrcnn_upXconv_head', 'maskrcnn_up4conv_head',
-           'maskrcnn_up4conv_gn_head', 'crop_gt_masks']
+           'maskrcnn_up4conv_gn_head', 'crop_gt_masks', 'HEAD_FUNCS']
 
 
 @under_name_scope()
@@ -130,3 +131,8 @@ def crop_gt_masks(gt_masks, gt_boxes, fg_inds_wrt_gt, fg_rois, resolution):
                                     resolution)  # [F, R, R, 1]
     masks = tf.cast(masks[:, :, :, 0] >= 0.5, tf.float32)
     return tf.stop_gradient(masks, name='fg_target_masks')
+
+
+# FPN.MRCNN_HEAD_FUNC name -> function; the names are config_defaults.MRCNN_HEAD_FUNCS
+# (validated by config.py).
+HEAD_FUNCS = {name: globals()[name] for name in MRCNN_HEAD_FUNCS}

@@ -10,6 +10,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import utils.compat  # noqa: E402,F401  (must precede every TensorFlow import)
+from config import config as _cfg  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -27,3 +28,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'slow' in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_cfg():
+    """The global config, unfrozen for the test; every key (and the frozen flag) is
+    restored afterwards. The one way tests change config keys."""
+    with _cfg.override() as c:
+        yield c

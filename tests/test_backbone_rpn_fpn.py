@@ -3,7 +3,6 @@
 NCHW graphs are built and their static shapes checked, but only NHWC graphs run: on CPU,
 TensorFlow has no NCHW MaxPool kernel.
 """
-import copy
 
 import numpy as np
 import pytest
@@ -16,25 +15,11 @@ from utils import np_box_ops
 from utils.anchors import get_all_anchors_fpn
 
 
-def _get(key):
-    node = cfg
-    for part in key.split('.'):
-        node = getattr(node, part)
-    return node
-
-
 @pytest.fixture
-def config():
-    """The global cfg, unfrozen for the test; every key is restored afterwards."""
-    frozen = cfg.is_frozen()
-    saved = {k: copy.deepcopy(_get(k)) for k in cfg.flat_keys()}
-    cfg.freeze(False)
-    cfg.BACKBONE.DATA_FORMAT = 'NHWC'
-    yield cfg
-    cfg.freeze(False)
-    for k, v in saved.items():
-        cfg.set_value(k, v)
-    cfg.freeze(frozen)
+def config(fresh_cfg):
+    """The global cfg in NHWC, unfrozen for the test (restored by ``fresh_cfg``)."""
+    fresh_cfg.BACKBONE.DATA_FORMAT = 'NHWC'
+    return fresh_cfg
 
 
 def _image(fmt, h=64, w=96, c=3):
@@ -369,7 +354,8 @@ def test_generate_fpn_proposals(config, mode, training):
             for a in anchors]
         logits = [tf.constant(rng.normal(0, 1, a.shape[:3]).astype(np.float32))
                   for a in anchors]
-        pb, ps = _run(model_fpn.generate_fpn_proposals(boxes, logits, tf.constant([128, 128])))
+        pb, ps = _run(model_fpn.generate_fpn_proposals(boxes, logits, tf.constant([128, 128]),
+                                                       training))
     assert 10 < len(pb) <= (30 if training else 20) and ps.shape == (len(pb),)
     assert pb.min() >= 0 and pb.max() <= 128
 

@@ -140,3 +140,59 @@ def test_no_removed_numpy_or_scipy_names_in_our_code():
                         if pattern.search(line.split('#')[0]):
                             offenders.append('{}:{}: {}'.format(path, i, line.strip()))
     assert not offenders, offenders
+
+
+FROZEN_CONV = textwrap.dedent("""
+    import tensorflow.compat.v1 as tf
+    from tensorpack.models import Conv2D
+    from tensorpack.tfutils.varreplace import custom_getter_scope, freeze_variables
+    from utils.compat import frozen_variable_getter
+    getter = {}
+    with tf.Graph().as_default():
+        x = tf.placeholder(tf.float32, [1, 8, 8, 3])
+        with custom_getter_scope(getter):
+            Conv2D('conv', x, 4, 3)
+        model = [v.op.name for v in tf.get_collection(tf.GraphKeys.MODEL_VARIABLES)]
+        trainable = [v.op.name for v in tf.trainable_variables()]
+    print('MODEL', 'conv/W' in model, 'TRAINABLE', 'conv/W' in trainable)
+""")
+
+
+def test_frozen_getter_keeps_frozen_weights_in_model_variables():
+    ours = _run(FROZEN_CONV.replace('getter = {}', 'getter = frozen_variable_getter'))
+    assert 'MODEL True TRAINABLE False' in ours.stdout, ours.stderr[-2000:]
+    # tensorpack's own freeze_variables still drops them: the shim is still needed.
+    theirs = _run(FROZEN_CONV.replace(
+        'getter = {}', 'getter = freeze_variables(stop_gradient=False, skip_collection=True)'
+    ).replace('custom_getter_scope(getter)', 'getter'))
+    assert 'MODEL False TRAINABLE False' in theirs.stdout, theirs.stderr[-2000:]
+
+
+def test_cpu_session_config_disables_memory_optimizer():
+    from tensorflow.core.protobuf import rewriter_config_pb2
+
+    from utils.compat import disable_cpu_memory_optimizer
+    from utils.precision import session_config
+    config = session_config('fp32')
+    no_mem_opt = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+    assert config.graph_options.rewrite_options.memory_optimization == no_mem_opt
+    fresh = rewriter_config_pb2.RewriterConfig()
+    disable_cpu_memory_optimizer(fresh)
+    assert fresh.memory_optimization == no_mem_opt
+
+
+def test_frozen_graph_shim_still_needed_and_works():
+    from tensorflow.python.framework import graph_util
+    assert not hasattr(graph_util, 'convert_variables_to_constants')  # else drop shim 7
+    import tensorflow.compat.v1 as tf1
+
+    from utils.compat import freeze_graph_def
+    with tf1.Graph().as_default() as g, tf1.Session() as sess:
+        v = tf1.get_variable('v', initializer=3.)
+        tf1.identity(v * 2., name='out')
+        sess.run(tf1.global_variables_initializer())
+        frozen = freeze_graph_def(sess, g.as_graph_def(), ['out'])
+    assert not any(n.op in ('VariableV2', 'VarHandleOp') for n in frozen.node)
+    with tf1.Graph().as_default(), tf1.Session() as sess:
+        tf1.import_graph_def(frozen, name='')
+        assert sess.run('out:0') == 6.

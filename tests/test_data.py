@@ -1,4 +1,4 @@
-"""common.py and data.py: image reading, geometry, masks, anchor targets, dataflows."""
+"""data.py: anchor targets, the training preprocessor, dataflows."""
 import logging
 import math
 import os
@@ -8,14 +8,14 @@ import tracemalloc
 import cv2
 import numpy as np
 import pytest
-from pycocotools import mask as mask_util
 
 import common
 import data
-from common import ImageReadError, read_image
 from config import config as cfg
-from dataset import DatasetRegistry, DatasetSplit
+from dataset import DatasetRegistry
+from tests.tiny import ListSplit, full_mask
 from utils.anchors import get_all_anchors, padded_size
+from utils.graph_inputs import fpn_levels, input_names
 from utils.np_box_ops import pairwise_iou
 
 BALLOON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -23,24 +23,13 @@ BALLOON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 @pytest.fixture
-def tiny_cfg():
-    """Small images and masks; the global config is restored afterwards."""
-    saved = data._config_snapshot()
-    cfg.freeze(False)
-    cfg.PREPROC.TRAIN_SHORT_EDGE_SIZE = [96, 128]
-    cfg.PREPROC.MAX_SIZE = 200
-    cfg.PREPROC.IMAGE_CHANNELS, cfg.PREPROC.CHANNEL_ORDER = 3, 'BGR'
-    cfg.MRCNN.GT_MASK_SIZE = 28
-    cfg.DATA.NUM_WORKERS = 0
-    cfg.DATA.MAX_GT_INSTANCES = 0
-    yield cfg
-    data._restore_config(saved)
-
-
-def _full_mask(polygons, h, w):
-    """Reference full-image rasterisation (test only): uint8 [h, w]."""
-    flat = [np.asarray(p, np.float64).reshape(-1).tolist() for p in polygons]
-    return mask_util.decode(mask_util.merge(mask_util.frPyObjects(flat, h, w)))
+def tiny_cfg(fresh_cfg):
+    """Small images and masks (restored by ``fresh_cfg``)."""
+    fresh_cfg.update_args(['PREPROC.TRAIN_SHORT_EDGE_SIZE=[96,128]', 'PREPROC.MAX_SIZE=200',
+                           'PREPROC.IMAGE_CHANNELS=3', 'PREPROC.CHANNEL_ORDER=BGR',
+                           'MRCNN.GT_MASK_SIZE=28', 'DATA.NUM_WORKERS=0',
+                           'DATA.MAX_GT_INSTANCES=0'])
+    return fresh_cfg
 
 
 def _write_scene(path, h=100, w=140):
@@ -49,7 +38,7 @@ def _write_scene(path, h=100, w=140):
              np.float32([[70, 20], [124, 20], [124, 88], [70, 88]])]
     img = np.zeros((h, w, 3), np.uint8)
     for p in polys:
-        img[_full_mask([p], h, w).astype(bool)] = 255
+        img[full_mask([p], h, w).astype(bool)] = 255
     cv2.imwrite(path, img)
     boxes = np.float32([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()]
                         for p in polys])
@@ -58,117 +47,9 @@ def _write_scene(path, h=100, w=140):
             'segmentation': [[p] for p in polys]}
 
 
-class _ListSplit(DatasetSplit):
-    def __init__(self, roidbs):
-        self._roidbs = roidbs
-
-    def training_roidbs(self):
-        return self._roidbs
-
-    def inference_roidbs(self):
-        return [{'file_name': r['file_name'], 'image_id': r['image_id']} for r in self._roidbs]
-
-
 def _register(name, roidbs):
-    DatasetRegistry.register(name, lambda: _ListSplit(roidbs))
+    DatasetRegistry.register(name, lambda: ListSplit(roidbs))
     return name
-
-
-# ---------------------------------------------------------------------------- read_image
-
-def test_read_image_layouts(tmp_path):
-    rs = np.random.RandomState(0)
-    bgr = rs.randint(0, 256, (6, 5, 3)).astype(np.uint8)
-    gray = rs.randint(0, 256, (6, 5)).astype(np.uint8)
-    bgra = rs.randint(0, 256, (6, 5, 4)).astype(np.uint8)
-    deep = rs.randint(0, 65536, (6, 5, 3)).astype(np.uint16)
-    paths = {}
-    for name, img in [('bgr', bgr), ('gray', gray), ('bgra', bgra), ('deep', deep)]:
-        paths[name] = str(tmp_path / (name + '.png'))
-        assert cv2.imwrite(paths[name], img)
-
-    out = read_image(paths['bgr'], 3, 'BGR')
-    assert out.dtype == np.float32 and out.shape == (6, 5, 3)
-    np.testing.assert_array_equal(out, bgr)
-    np.testing.assert_array_equal(read_image(paths['bgr'], 3, 'RGB'), bgr[:, :, ::-1])
-    np.testing.assert_array_equal(read_image(paths['gray'], 3, 'BGR'),
-                                  np.repeat(gray[:, :, None], 3, 2))
-    np.testing.assert_array_equal(read_image(paths['gray'], 1, 'BGR'), gray[:, :, None])
-    np.testing.assert_allclose(read_image(paths['bgr'], 1, 'BGR')[:, :, 0],
-                               cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), atol=0.5)
-    np.testing.assert_array_equal(read_image(paths['bgra'], 3, 'BGR'), bgra[:, :, :3])
-    rgbd = read_image(paths['bgra'], 4, 'RGB')
-    assert rgbd.shape == (6, 5, 4)
-    np.testing.assert_array_equal(rgbd[:, :, :3], bgra[:, :, 2::-1])
-    np.testing.assert_array_equal(rgbd[:, :, 3], bgra[:, :, 3])
-    out16 = read_image(paths['deep'], 3, 'BGR')
-    np.testing.assert_allclose(out16, deep / 257., rtol=1e-6)
-    assert out16.max() <= 255.
-
-
-def test_read_image_errors(tmp_path):
-    missing = str(tmp_path / 'missing.png')
-    with pytest.raises(ImageReadError, match='missing.png.*no such file'):
-        read_image(missing, 3, 'BGR')
-    corrupt = tmp_path / 'corrupt.png'
-    corrupt.write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
-    with pytest.raises(ImageReadError, match='corrupt.png'):
-        read_image(str(corrupt), 3, 'BGR')
-    three = str(tmp_path / 'three.png')
-    cv2.imwrite(three, np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(ImageReadError, match='three.png.*expects 4'):
-        read_image(three, 4, 'BGR')
-
-
-# ---------------------------------------------------------------------------- geometry
-
-def test_resize_shortest_edge_and_box_scale():
-    img = np.zeros((100, 300, 3), np.float32)
-    out, (sy, sx) = common.resize_shortest_edge(img, 50, 1000)
-    assert out.shape == (50, 150, 3) and (sy, sx) == (0.5, 0.5)
-    out, (sy, sx) = common.resize_shortest_edge(img, 80, 200)  # long edge capped
-    assert out.shape == (67, 200, 3)
-    assert (sy, sx) == (67 / 100, 200 / 300)
-    np.testing.assert_allclose(common.scale_boxes(np.float32([[0, 0, 300, 100]]), sy, sx),
-                               [[0, 0, 200, 67]], rtol=1e-6)
-    gray, _ = common.resize_shortest_edge(np.zeros((10, 20, 1), np.float32), 5, 100)
-    assert gray.shape == (5, 10, 1)
-
-
-def test_flip_boxes_polygons_match_flipped_mask():
-    h, w = 40, 50
-    polys = [np.float32([[3, 4], [30, 4], [20, 33], [3, 20]])]
-    fpolys = common.flip_polygons([polys], w)[0]
-    np.testing.assert_array_equal(_full_mask(fpolys, h, w), _full_mask(polys, h, w)[:, ::-1])
-    box = np.float32([[3, 4, 30, 33]])
-    fbox = common.flip_boxes(box, w)
-    np.testing.assert_array_equal(fbox, [[w - 30, 4, w - 3, 33]])
-    np.testing.assert_array_equal(fbox[0, [0, 2]], [fpolys[0][:, 0].min(), fpolys[0][:, 0].max()])
-
-
-def test_box_frame_mask_matches_cropped_full_mask():
-    # Integer box and M = box size: the box-frame bitmap IS the crop of the full mask.
-    poly = np.float32([[12, 10], [40, 16], [30, 38], [14, 30]])
-    box = np.float32([12, 10, 40, 38])
-    full = _full_mask([poly], 60, 60)
-    exact = common.polygons_to_box_frame_mask([poly], box, 28)
-    assert exact.dtype == np.uint8 and exact.shape == (28, 28)
-    np.testing.assert_array_equal(exact, full[10:38, 12:40])
-    # Fractional box, different resolution: agrees with the full mask sampled at each bitmap
-    # pixel's centre up to boundary pixels.
-    poly = np.float32([[10.3, 7.6], [57.2, 20.1], [33.7, 51.9], [12.8, 40.4]])
-    box = np.float32([10.3, 7.6, 57.2, 51.9])
-    full = _full_mask([poly], 60, 60)
-    m = 20
-    xs = (box[0] + (np.arange(m) + 0.5) * (box[2] - box[0]) / m).astype(int)
-    ys = (box[1] + (np.arange(m) + 0.5) * (box[3] - box[1]) / m).astype(int)
-    sampled = full[ys[:, None], xs[None, :]]
-    mask = common.polygons_to_box_frame_mask([poly], box, m)
-    assert mask.sum() > 0.4 * m * m
-    assert (mask == sampled).mean() > 0.93
-    # No polygon (detection-only data): the whole box; 2-point polygons are ignored.
-    assert common.polygons_to_box_frame_mask([], box, 4).all()
-    assert common.polygons_to_box_frame_mask([np.float32([[0, 0], [5, 5]])], box, 4).all()
 
 
 # ---------------------------------------------------------------------------- anchor labels
@@ -277,7 +158,7 @@ def _check_datapoint(dp, mode_fpn, mode_mask, num_gt):
     img = dp['image']
     assert img.dtype == np.float32 and img.ndim == 3 and img.shape[2] == 3
     assert 96 <= min(img.shape[:2]) <= 128 and max(img.shape[:2]) <= 200
-    names = data.input_names(mode_fpn, mode_mask)
+    names = input_names(mode_fpn, mode_mask)
     assert sorted(dp) == sorted(names)
     anchor_keys = [n for n in names if n.startswith('anchor_labels')]
     strides = cfg.FPN.ANCHOR_STRIDES if mode_fpn else [cfg.RPN.ANCHOR_STRIDE]
@@ -346,9 +227,10 @@ def test_preprocessor_pickles_with_its_config(tiny_cfg, tmp_path):
     blob = pickle.dumps(data.TrainingDataPreprocessor(seed=0))
     cfg.MRCNN.GT_MASK_SIZE = 56  # like a spawned worker's default config
     pre = pickle.loads(blob)
-    assert cfg.MRCNN.GT_MASK_SIZE == 14
+    assert cfg.MRCNN.GT_MASK_SIZE == 56  # the worker side never writes the global config
     dp = pre(_write_scene(str(tmp_path / 'scene.png')))
     assert dp['gt_masks'].shape == (2, 14, 14)
+    assert cfg.MRCNN.GT_MASK_SIZE == 56
 
 
 # ---------------------------------------------------------------------------- dataflows
@@ -375,7 +257,7 @@ def test_train_dataflow_skips_bad_images_and_filters_empty(tiny_cfg, tmp_path, c
     with caplog.at_level(logging.INFO, logger='data'):
         dps = _collect(data.get_train_dataflow())
     assert len(dps) == 2
-    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
     for dp in dps:
         assert isinstance(dp, list) and len(dp) == len(names)
         _check_datapoint(dict(zip(names, dp)), cfg.MODE_FPN, cfg.MODE_MASK, 2)
@@ -410,23 +292,10 @@ def test_train_dataflow_multiprocess(tiny_cfg, tmp_path):
         dps = _collect(df, 4)
     finally:
         df.ds.__del__()  # stop the worker processes now
-    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
     assert len(dps) == 4
     for dp in dps:
         _check_datapoint(dict(zip(names, dp)), cfg.MODE_FPN, cfg.MODE_MASK, 2)
-
-
-def test_eval_dataflow_original_size_and_skips(tiny_cfg, tmp_path, caplog):
-    roidbs = [_write_scene(str(tmp_path / 'e{}.png'.format(i)), h=50 + i, w=60) for i in range(4)]
-    roidbs[1] = dict(roidbs[1], file_name=str(tmp_path / 'gone.png'))
-    name = _register('test_data_eval', roidbs)
-    with caplog.at_level(logging.WARNING, logger='data'):
-        dps = _collect(data.get_eval_dataflow(name))
-    assert [dp[1] for dp in dps] == ['e0.png', 'e2.png', 'e3.png']
-    assert [dp[0].shape for dp in dps] == [(50, 60, 3), (52, 60, 3), (53, 60, 3)]
-    assert 'gone.png' in caplog.text
-    shards = [[dp[1] for dp in _collect(data.get_eval_dataflow(name, k, 3))] for k in range(3)]
-    assert shards == [['e0.png'], [], ['e2.png', 'e3.png']]
 
 
 # ---------------------------------------------------------------------------- real data
@@ -439,7 +308,7 @@ def test_shapes_images(tiny_cfg, tmp_path):
     roidbs = DatasetRegistry.get(name).training_roidbs()
     dps = _collect(data.get_train_dataflow())
     assert len(dps) == 3
-    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
     for dp in dps:
         dp = dict(zip(names, dp))
         assert dp['gt_masks'].any(axis=(1, 2)).all()  # every visible shape has mask pixels
@@ -454,7 +323,7 @@ def test_balloon_images(tiny_cfg):
     register_balloon(BALLOON_DIR)
     cfg.DATA.TRAIN = ('balloon_train',)
     df = data.get_train_dataflow()
-    names = data.input_names(cfg.MODE_FPN, cfg.MODE_MASK)
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
     for dp in _collect(df, 2):
         dp = dict(zip(names, dp))
         _check_datapoint(dp, True, True, len(dp['gt_boxes']))
@@ -474,7 +343,7 @@ def test_crowd_anchors_ignored_only_when_the_option_is_on(tiny_cfg, tmp_path):
         cfg.RPN.CROWD_OVERLAP_THRESH = thresh
         dp = data.TrainingDataPreprocessor(seed=0)(roidb)
         return np.concatenate([dp['anchor_labels_lvl{}'.format(lv)].ravel()
-                               for lv in data._fpn_levels()])
+                               for lv in fpn_levels(cfg.FPN.ANCHOR_STRIDES)])
     on, off = labels(0.7), labels(9.99)
     ignored = (on == -1) & (off != -1)
     assert ignored.sum() >= 10

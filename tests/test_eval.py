@@ -1,5 +1,4 @@
 """eval.py (mask pasting, prediction, COCO results, EvalCallback) and viz.py."""
-import functools
 import json
 import os
 import tracemalloc
@@ -25,16 +24,8 @@ tf1 = tf.compat.v1
 
 
 @pytest.fixture
-def test_cfg():
-    """Unfrozen cfg whose every key is restored afterwards."""
-    frozen = cfg.is_frozen()
-    cfg.freeze(False)
-    saved = {k: functools.reduce(getattr, k.split('.'), cfg) for k in cfg.flat_keys()}
-    yield cfg
-    cfg.freeze(False)
-    for k, v in saved.items():
-        cfg.set_value(k, v)
-    cfg.freeze(frozen)
+def test_cfg(fresh_cfg):
+    return fresh_cfg
 
 
 # ------------------------------------------------------------------ mask pasting

@@ -1,5 +1,4 @@
 """Fast R-CNN / Mask R-CNN / Cascade heads: matching, sampling, losses, predictions, masks."""
-import functools
 
 import numpy as np
 import pytest
@@ -19,21 +18,13 @@ from utils import np_box_ops
 
 
 @pytest.fixture
-def tiny_cfg():
-    """A small, NHWC config; every key is restored afterwards."""
-    was_frozen = cfg.is_frozen()
-    cfg.freeze(False)
-    saved = {k: functools.reduce(getattr, k.split('.'), cfg) for k in cfg.flat_keys()}
-    cfg.BACKBONE.DATA_FORMAT = 'NHWC'
-    cfg.FRCNN.BATCH_PER_IM = 64
-    cfg.FPN.FRCNN_FC_HEAD_DIM = 16
-    cfg.FPN.FRCNN_CONV_HEAD_DIM = 32  # GroupNorm's 32 groups
-    cfg.MRCNN.HEAD_DIM = 32
-    yield cfg
-    cfg.freeze(False)
-    for key, value in saved.items():
-        cfg.set_value(key, value)
-    cfg.freeze(was_frozen)
+def tiny_cfg(fresh_cfg):
+    """A small, NHWC config (restored by ``fresh_cfg``)."""
+    fresh_cfg.update_args(['BACKBONE.DATA_FORMAT=NHWC', 'FRCNN.BATCH_PER_IM=64',
+                           'FPN.FRCNN_FC_HEAD_DIM=16',
+                           'FPN.FRCNN_CONV_HEAD_DIM=32',  # GroupNorm's 32 groups
+                           'MRCNN.HEAD_DIM=32'])
+    return fresh_cfg
 
 
 def _boxes(rng, n, size=200., lo=8., hi=60.):
@@ -51,7 +42,7 @@ def _session_run(fetches, run_options=None, run_metadata=None):
 def test_chunked_match_equals_dense_numpy():
     rng = np.random.RandomState(0)
     boxes, gt = _boxes(rng, 300), _boxes(rng, 700)  # 700 gt = 3 chunks, the last partial
-    assert model_frcnn.GT_CHUNK == 256
+    assert model_frcnn.GT_MATCH_CHUNK == 256
     with tf.Graph().as_default():
         max_iou, best_gt, per_gt = _session_run(best_gt_match(tf.constant(boxes),
                                                               tf.constant(gt)))
@@ -126,7 +117,7 @@ def test_dense_scene_never_builds_dense_iou(tiny_cfg):
              for out in node.output]
     assert len(sizes) > 50  # the trace did record the loop's tensors
     # a chunk's IoU is 2000 x 256; a dense one would be >= 2000 x 5000
-    assert max(sizes) <= num_boxes * model_frcnn.GT_CHUNK, max(sizes)
+    assert max(sizes) <= num_boxes * model_frcnn.GT_MATCH_CHUNK, max(sizes)
 
 
 def test_predictions_per_class_nms_threshold_and_cap(tiny_cfg):

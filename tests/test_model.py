@@ -7,7 +7,8 @@ from tensorpack.tfutils.tower import TowerContext
 from config import config as cfg
 from data import TrainingDataPreprocessor
 from dataset import DatasetRegistry
-from modeling.generalized_rcnn import ResNetC4Model, ResNetFPNModel, model_input_names
+from modeling.generalized_rcnn import build_model, model_input_names
+from modeling.training_graph import build_training_step
 from tests.tiny import configured
 
 
@@ -19,17 +20,11 @@ def _datapoint(index=0):
 
 
 def _build_training(lr=0.01):
-    """Placeholders -> (feed names, total cost, losses by name, train op)."""
-    model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
-    specs = model.inputs()
-    placeholders = [tf.placeholder(s.dtype, s.shape, s.name) for s in specs]
-    with TowerContext('', is_training=True):
-        cost = model.build_graph(*placeholders)
-    train_op = tf.train.MomentumOptimizer(lr, 0.9).minimize(cost)
-    losses = {t.name: t for op in tf.get_default_graph().get_operations()
-              for t in op.outputs
-              if t.name.endswith('loss:0') and t.dtype == tf.float32 and t.shape.ndims == 0}
-    return placeholders, cost, losses, train_op
+    """Placeholders -> (placeholders, total cost, the head losses by name, train op), with
+    plain momentum at a fixed ``lr``."""
+    step = build_training_step(optimizer=lambda: tf.train.MomentumOptimizer(lr, 0.9))
+    losses = {name: t for name, t in step.losses.items() if name.endswith('loss')}
+    return step.placeholders, step.cost, losses, step.train_op
 
 
 def _feed(placeholders, dp):
@@ -46,6 +41,7 @@ VARIANTS = [  # (overrides, what it covers)
     (['MODE_FPN=True', 'MODE_MASK=False', 'FPN.FRCNN_HEAD_FUNC=fastrcnn_4conv1fc_head',
       'BACKBONE.TRAINABLE=3+'], 'fpn-4conv-3plus'),
     (['MODE_FPN=True', 'MODE_MASK=True', 'BACKBONE.NORM=SyncBN'], 'fpn-mask-syncbn'),
+    (['MODE_FPN=True', 'MODE_MASK=True', 'MRCNN.RESOLUTION=14'], 'fpn-mask-res14'),
     (['MODE_FPN=False', 'MODE_MASK=True', 'BACKBONE.NORM=GN'], 'c4-mask-gn'),
     (['MODE_FPN=False', 'MODE_MASK=False', 'BACKBONE.NORM=FreezeBN', 'BACKBONE.DEPTH=50'],
      'c4-r50-freezebn'),
@@ -111,25 +107,26 @@ def test_overfit_one_image_drives_every_loss_down():
                     # The Fast R-CNN box loss is normalised by all sampled RoIs; early on the
                     # only foregrounds are the gt boxes themselves (zero targets) and their
                     # number grows as the RPN learns. Per foreground it must fall.
-                    box = names.index('fastrcnn_losses/box_loss:0')
+                    box = names.index('fastrcnn_losses/box_loss')
                     row[box] *= len(sampled) / max(1, (sampled > 0).sum())
                     history.append(row)
     history = np.asarray(history)
     assert history.shape[1] == 5, names
     window = np.stack([history[i:i + 5].mean(axis=0) for i in range(len(history) - 4)])
     for name, column in zip(names, window.T):
-        start = column.max() if name == 'fastrcnn_losses/box_loss:0' else column[0]
+        start = column.max() if name == 'fastrcnn_losses/box_loss' else column[0]
         assert column[-1] < 0.5 * start, (name, column)
 
 
 @pytest.mark.parametrize('overrides', [['MODE_FPN=True', 'MODE_MASK=True'],
+                                       ['MODE_FPN=True', 'MRCNN.RESOLUTION=14'],
                                        ['MODE_FPN=True', 'CASCADE.ENABLED=True'],
                                        ['MODE_FPN=False', 'MODE_MASK=True']],
-                         ids=['fpn-mask', 'cascade-mask', 'c4-mask'])
+                         ids=['fpn-mask-res28', 'fpn-mask-res14', 'cascade-mask', 'c4-mask'])
 def test_inference_outputs(overrides):
     with configured(overrides, is_training=False):
-        model = ResNetFPNModel() if cfg.MODE_FPN else ResNetC4Model()
-        resolution = cfg.MRCNN.RESOLUTION if cfg.MODE_FPN else 14
+        model = build_model()
+        resolution = cfg.MRCNN.RESOLUTION if cfg.MODE_FPN else 14  # MRCNN.RESOLUTION is FPN's
         num_classes = cfg.DATA.NUM_CATEGORY
         with tf.Graph().as_default():
             image = tf.placeholder(tf.float32, [None, None, 3], 'image')

@@ -88,20 +88,20 @@ def test_max_iou_over_gt_equals_dense():
     gt[7] = gt[3]  # duplicate: the argmax must pick the first, like dense argmax
     dense = np_box_ops.pairwise_iou(anchors, gt)
     for chunk in (1, 7, 64, 1000):
-        amax, arg, gmax = np_box_ops.max_iou_over_gt(anchors, gt, chunk=chunk)
+        amax, arg, gmax, best = np_box_ops.max_iou_over_gt(anchors, gt, chunk=chunk,
+                                                           best_anchors=True)
         np.testing.assert_array_equal(amax, dense.max(axis=1))
         np.testing.assert_array_equal(arg, dense.argmax(axis=1))
         np.testing.assert_array_equal(gmax, dense.max(axis=0))
-        best = np_box_ops.anchors_at_gt_max(anchors, gt, gmax, chunk=chunk)
         np.testing.assert_array_equal(best, (dense == dense.max(axis=0)).any(axis=1))
 
 
-def test_anchors_at_gt_max_skips_unmatched_gt():
+def test_best_anchors_skip_unmatched_gt():
     anchors = np.array([[0., 0., 10., 10.], [100., 100., 110., 110.]], np.float32)
     gt = np.array([[500., 500., 510., 510.]], np.float32)  # overlaps nothing
-    _, _, gmax = np_box_ops.max_iou_over_gt(anchors, gt)
+    _, _, gmax, best = np_box_ops.max_iou_over_gt(anchors, gt, best_anchors=True)
     assert gmax[0] == 0.
-    assert not np_box_ops.anchors_at_gt_max(anchors, gt, gmax).any()
+    assert not best.any()
 
 
 def test_max_iou_over_gt_memory_is_bounded():

@@ -18,7 +18,7 @@ from tensorpack.input_source import TensorInput
 from tensorpack.train import SyncMultiGPUTrainerReplicated
 
 from config import config as cfg
-from modeling.generalized_rcnn import ResNetFPNModel
+from modeling.generalized_rcnn import build_model
 from tests.tiny import configured
 from utils import precision
 from utils.precision import session_config, session_creator, thread_counts, wrap_optimizer
@@ -105,7 +105,7 @@ def test_gpu_training_graph_builds():
         cfg.freeze(False)
         cfg.TRAIN.PRECISION = 'fp16'  # finalize_configs refuses fp16 without a GPU
         with tf.Graph().as_default() as graph:
-            model = ResNetFPNModel()
+            model = build_model()
             # one set of input tensors per tower (a FeedfreeInput, as the trainer needs)
             source = TensorInput(lambda: [tf.placeholder(s.dtype, s.shape)
                                           for s in model.get_input_signature()])
@@ -132,7 +132,7 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 from tensorpack.tfutils.tower import PredictTowerContext
 from eval import get_inference_output_names
-from modeling.generalized_rcnn import ResNetFPNModel
+from modeling.generalized_rcnn import build_model
 from tests.tiny import configured
 from utils.precision import onednn_enabled, session_config
 
@@ -142,7 +142,7 @@ with configured(is_training=False):
         tf.set_random_seed(0)
         image = tf.placeholder(tf.float32, [128, 160, 3], 'image')
         with PredictTowerContext(''):
-            ResNetFPNModel().build_graph(image)
+            build_model().build_graph(image)
         names = ['rpn/class/output:0', 'rpn/box/output:0'] + [
             n + ':0' for n in get_inference_output_names()]
         fetches = [graph.get_tensor_by_name(n) for n in names]

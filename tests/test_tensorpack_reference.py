@@ -23,7 +23,6 @@ import yaml
 from common import read_image, resize_shortest_edge
 from config import config as cfg, finalize_configs, legacy_values
 from dataset import DatasetRegistry
-from tiny import _restore, _snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, '..', 'shared', 'fixtures', 'tensorpack_reference')
@@ -47,16 +46,6 @@ def _fixture_module(name):
     return module
 
 
-@pytest.fixture
-def default_cfg():
-    """The config at its defaults (as imported), unfrozen; restored afterwards."""
-    saved, frozen = _snapshot(), cfg.is_frozen()
-    cfg.freeze(False)
-    yield cfg
-    _restore(saved)
-    cfg.freeze(frozen)
-
-
 def _configure(variant):
     """The variant's project_overrides on the current config, finalised for CPU inference.
     Returns the variant's config.yaml as a dict."""
@@ -67,7 +56,7 @@ def _configure(variant):
         DatasetRegistry.register_metadata('tp_fixture', 'class_names', vc['class_names'][1:])
     cfg.update_args(list(vc['project_overrides']) +
                     ['DATA.TRAIN=tp_fixture', 'DATA.VAL=tp_fixture'])
-    finalize_configs(is_training=False, num_gpus=0)
+    finalize_configs(is_training=False, num_gpus=0, registry=DatasetRegistry)
     return vc
 
 
@@ -138,7 +127,7 @@ def _fixture_image(vc):
 
 def _export_and_run(predictor, img, tmp_path):
     """The predictor's graph through eval.export_savedmodel, loaded in a fresh session."""
-    from eval import export_savedmodel
+    from export import export_savedmodel
     directory = str(tmp_path / 'savedmodel')
     export_savedmodel(predictor, directory)
     with tf.Graph().as_default() as graph, tf1.Session(graph=graph) as sess:
@@ -176,7 +165,7 @@ def _predictor(variant, vc, feature_keys, built, monkeypatch):
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
-def test_same_outputs_as_tensorpack(variant, default_cfg, built, monkeypatch, tmp_path):
+def test_same_outputs_as_tensorpack(variant, fresh_cfg, built, monkeypatch, tmp_path):
     """Default config + the variant's keys reproduce tensorpack's outputs: features,
     proposals (>= 99% of the top 1000 within 0.01 px), detections (all, boxes <= 0.02 px,
     scores <= 1e-4), masks (<= 5e-3) -- the fixture README's tolerances."""
@@ -204,7 +193,7 @@ def _resize_info():
         return json.load(f)
 
 
-def test_uint8_resize_reproduces_tensorpack_input(default_cfg):
+def test_uint8_resize_reproduces_tensorpack_input(fresh_cfg):
     """PREPROC.RESIZE_UINT8=True gives exactly the image tensorpack fed its model; the
     default float resize differs from it by less than one grey level."""
     info = _resize_info()
@@ -222,7 +211,7 @@ def test_uint8_resize_reproduces_tensorpack_input(default_cfg):
 
 
 @pytest.mark.parametrize('isotropic', [False, True])
-def test_scale_back_per_axis_or_isotropic(default_cfg, isotropic):
+def test_scale_back_per_axis_or_isotropic(fresh_cfg, isotropic):
     """Boxes back to the original 300x400 image: per axis by default, tensorpack's
     isotropic sqrt(sy * sx) with TEST.ISOTROPIC_SCALE_BACK=True."""
     import eval as ev
@@ -245,7 +234,7 @@ def test_scale_back_per_axis_or_isotropic(default_cfg, isotropic):
 
 
 # ------------------------------------------------------------------ old runs
-def test_old_run_config_keeps_its_layout(default_cfg, tmp_path):
+def test_old_run_config_keeps_its_layout(fresh_cfg, tmp_path):
     """A run's config.yaml saved before RPN.ANCHOR_OFFSET (and the other keys whose default
     changed) existed gets the old values; a current one, or a partial user file, does not."""
     old = tmp_path / 'old.yaml'
@@ -261,7 +250,7 @@ def test_old_run_config_keeps_its_layout(default_cfg, tmp_path):
     assert cfg.RPN.ANCHOR_OFFSET == 0. and not cfg.BACKBONE.C4_PAD_INPUT  # the defaults
 
 
-def test_predict_uses_old_layout_of_old_run(default_cfg, tmp_path, monkeypatch):
+def test_predict_uses_old_layout_of_old_run(fresh_cfg, tmp_path, monkeypatch):
     """predict.py on an old run's folder: the run's config.yaml without RPN.ANCHOR_OFFSET
     gives the old 0.5 layout; --config still overrides it."""
     import predict
@@ -286,7 +275,7 @@ def test_predict_uses_old_layout_of_old_run(default_cfg, tmp_path, monkeypatch):
     assert seen['offset'] == 0.25
 
 
-def test_tensorpack_zoo_config_sets_tensorpack_conventions(default_cfg):
+def test_tensorpack_zoo_config_sets_tensorpack_conventions(fresh_cfg):
     """configs/tensorpack_zoo.yaml: every convention key at tensorpack's behaviour, and
     the fixture's resize through predict_image's path is tensorpack's input exactly."""
     import eval as ev
@@ -305,11 +294,11 @@ def test_tensorpack_zoo_config_sets_tensorpack_conventions(default_cfg):
     np.testing.assert_array_equal(seen[0], np.load(os.path.join(FIXTURE, 'image_resized.npy')))
 
 
-def test_resume_of_old_run_keeps_its_layout(default_cfg, tmp_path):
+def test_resume_of_old_run_keeps_its_layout(fresh_cfg, tmp_path):
     """train.py resuming a log directory whose config.yaml predates RPN.ANCHOR_OFFSET: the
     user's config file (without the key) does not switch the run to the new layout."""
     import argparse
-    from train import setup_config
+    from cli import setup_config
     tree = cfg.to_dict()
     del tree['RPN']['ANCHOR_OFFSET']
     run_config = tmp_path / 'config.yaml'

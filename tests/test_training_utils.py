@@ -17,18 +17,11 @@ from utils.training import (NonFiniteGuard, ScaledSchedule, TrainingDiverged, Us
 
 
 @pytest.fixture
-def schedule_cfg():
-    cfg.freeze(False)
-    keys = ['TRAIN.BASE_LR', 'TRAIN.WARMUP', 'TRAIN.WARMUP_INIT_LR', 'TRAIN.LR_SCHEDULE',
-            'TRAIN.GRADIENT_ACCUMULATION', 'TRAIN.REFERENCE_BATCH', 'TRAIN.STEPS_PER_EPOCH']
-    saved = {k: cfg._lookup(k)[0].__dict__[cfg._lookup(k)[1]] for k in keys}
-    cfg.update_args(['TRAIN.BASE_LR=0.02', 'TRAIN.WARMUP=1000', 'TRAIN.WARMUP_INIT_LR=0.002',
-                     'TRAIN.LR_SCHEDULE=[60000,80000,90000]', 'TRAIN.REFERENCE_BATCH=16',
-                     'TRAIN.STEPS_PER_EPOCH=500'])
-    yield cfg
-    for k, v in saved.items():
-        node, leaf = cfg._lookup(k)
-        node.__dict__[leaf] = v
+def schedule_cfg(fresh_cfg):
+    fresh_cfg.update_args(['TRAIN.BASE_LR=0.02', 'TRAIN.WARMUP=1000', 'TRAIN.WARMUP_INIT_LR=0.002',
+                           'TRAIN.LR_SCHEDULE=[60000,80000,90000]', 'TRAIN.REFERENCE_BATCH=16',
+                           'TRAIN.STEPS_PER_EPOCH=500'])
+    return fresh_cfg
 
 
 def test_schedule_at_reference_batch(schedule_cfg):

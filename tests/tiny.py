@@ -1,10 +1,13 @@
-"""A tiny model configuration for fast CPU tests, and a context manager to apply it."""
+"""Test helpers: a tiny model configuration for fast CPU tests, a context manager to apply
+it, a dataset split over given roidbs and a reference polygon rasteriser."""
 import contextlib
 
+import numpy as np
 import yaml
+from pycocotools import mask as mask_util
 
 from config import config as cfg, finalize_configs
-from dataset import register_shapes
+from dataset import DatasetRegistry, DatasetSplit, register_shapes
 
 # ResNet-18, 128-160 px images, few proposals and narrow heads: one training step of the
 # full Mask R-CNN takes well under a second on 2 cores.
@@ -23,29 +26,13 @@ TINY = [
 ]
 
 
-def _snapshot():
-    return {k: cfg._lookup(k)[0].__dict__[cfg._lookup(k)[1]] for k in cfg.flat_keys()}
-
-
-def _restore(saved):
-    cfg.freeze(False)
-    for k, v in saved.items():
-        node, leaf = cfg._lookup(k)
-        node.__dict__[leaf] = v
-
-
 @contextlib.contextmanager
 def configured(overrides=(), is_training=True, tiny=True):
     """Apply TINY (optionally) + overrides, finalise for CPU, restore everything after."""
-    saved = _snapshot()
-    try:
-        cfg.freeze(False)
-        register_shapes(num_train=40, num_val=8)
-        cfg.update_args((TINY if tiny else []) + list(overrides))
-        finalize_configs(is_training=is_training, num_gpus=0)
+    register_shapes(num_train=40, num_val=8)
+    with cfg.override((TINY if tiny else []) + list(overrides)):
+        finalize_configs(is_training=is_training, num_gpus=0, registry=DatasetRegistry)
         yield cfg
-    finally:
-        _restore(saved)
 
 
 def yaml_overrides(path):
@@ -62,3 +49,22 @@ def yaml_overrides(path):
                 out.append('{}{}={!r}'.format(prefix, key, value))
     walk(tree, '')
     return out
+
+
+class ListSplit(DatasetSplit):
+    """A dataset split over the given roidbs (dataset/dataset.py format)."""
+
+    def __init__(self, roidbs):
+        self._roidbs = roidbs
+
+    def training_roidbs(self):
+        return self._roidbs
+
+    def inference_roidbs(self):
+        return [{'file_name': r['file_name'], 'image_id': r['image_id']} for r in self._roidbs]
+
+
+def full_mask(polygons, h, w):
+    """Reference full-image rasterisation of polygons ([K, 2] each): uint8 [h, w]."""
+    flat = [np.asarray(p, np.float64).reshape(-1).tolist() for p in polygons]
+    return mask_util.decode(mask_util.merge(mask_util.frPyObjects(flat, h, w)))

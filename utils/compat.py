@@ -109,6 +109,67 @@ def _patch_tensorpack_multitower(tf):
         multigpu.tf = tf.compat.v1
 
 
+def frozen_variable_getter(getter, *args, **kwargs):
+    """Shim 7 -- frozen weights stay in MODEL_VARIABLES (a ``custom_getter``).
+
+    Creates/gets a variable outside TRAINABLE_VARIABLES but keeps a would-be-trainable one
+    in MODEL_VARIABLES, where tensorpack's savers and exporters look for weights.
+    tensorpack 0.11's ``freeze_variables`` does the same, but its ``isinstance(v,
+    tf.Variable)`` check misses TF 2's resource variables, so frozen weights would drop out
+    of MODEL_VARIABLES. Remove when ``freeze_variables(skip_collection=True)`` keeps a
+    frozen conv's ``W`` in MODEL_VARIABLES (tests/test_compat.py checks it still drops it).
+    """
+    import tensorflow.compat.v1 as tf1
+    trainable = kwargs.get('trainable', True)
+    kwargs['trainable'] = False
+    var = getter(*args, **kwargs)
+    model_vars = tf1.get_collection_ref(tf1.GraphKeys.MODEL_VARIABLES)
+    if trainable and not any(v is var for v in model_vars):
+        model_vars.append(var)
+    return var
+
+
+def disable_cpu_memory_optimizer(rewrite_options):
+    """Shim 8 -- no grappler memory optimizer on CPU-only sessions.
+
+    It only swaps tensors to host memory on GPUs, so on a CPU it gains nothing
+    (BENCHMARKS.md), while its cost model logs a screenful of "Error in PredictCost() for
+    the op: op: CropAndResize" warnings (tensorflow#56904). ``rewrite_options``: a
+    session config's ``graph_options.rewrite_options``, changed in place.
+    Remove when a CPU session on a Mask R-CNN graph logs no PredictCost errors.
+    """
+    from tensorflow.core.protobuf import rewriter_config_pb2
+    rewrite_options.memory_optimization = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+
+
+def freeze_graph_def(sess, graph_def, output_names):
+    """Shim 9 -- a frozen GraphDef without tensorpack's ``export_compact``.
+
+    tensorpack 0.11's ``ModelExporter.export_compact`` calls
+    ``convert_variables_to_constants`` from ``tensorflow.python.framework.graph_util``,
+    which TF 2.18 no longer has; the public ``tf.compat.v1.graph_util`` one still exists.
+    Returns the GraphDef with every variable read replaced by a constant.
+    Remove when ``tensorflow.python.framework.graph_util`` has it again (or tensorpack
+    stops using it): tests/test_compat.py checks that it is still missing.
+    """
+    import tensorflow.compat.v1 as tf1
+    return tf1.graph_util.convert_variables_to_constants(sess, graph_def, output_names)
+
+
+def warn_unless_msgpack(logger):
+    """Shim 1's serializer note, checked: data workers should talk msgpack-numpy.
+
+    tensorpack reads TENSORPACK_SERIALIZE once, at its first import; if something imported
+    tensorpack before this module set it, the workers use another serializer (slower for
+    our dicts of arrays). Called by ``data.get_train_dataflow``. Not a version shim.
+    """
+    from tensorpack.dataflow import parallel_map
+    from tensorpack.utils.serialize import MsgpackSerializer
+    if parallel_map.dumps is not MsgpackSerializer.dumps:
+        logger.warning('Data workers do not use msgpack-numpy: set TENSORPACK_SERIALIZE=msgpack '
+                       'before tensorpack is first imported.')
+
+
 def apply():
     """Apply every shim that needs TensorFlow imported; returns the `tensorflow` module."""
     import tensorflow as tf

@@ -11,14 +11,14 @@ overlap its bounding extent (found with `_BoxIndex`), so the work is about the n
 """
 import numpy as np
 
-__all__ = ['area', 'pairwise_iou', 'pairwise_ioa', 'max_iou_over_gt', 'anchors_at_gt_max',
+__all__ = ['area', 'pairwise_iou', 'pairwise_ioa', 'max_iou_over_gt',
            'max_coverage']
 
 # (box, gt) pairs per IoU block: ~16 MB per float32 temporary, whatever the box counts.
 MAX_PAIRS = 1 << 22
 # Ground truths per chunk. Smaller chunks have tighter extents (fewer wasted pairs) but
 # cost more NumPy calls: 16 was fastest for 3000 small gt on an 800 x 1333 FPN image.
-GT_CHUNK = 16
+GT_BLOCK = 16
 # Slack (pixels) on index queries so float rounding never drops an overlapping box.
 _MARGIN = 1.
 
@@ -201,7 +201,7 @@ def _ties_with_gt_max(iou, gt_max):
     return ((iou == gt_max[None, :]) & (gt_max[None, :] > 0)).any(axis=1)
 
 
-def max_iou_over_gt(anchors, gt_boxes, chunk=GT_CHUNK, max_pairs=MAX_PAIRS,
+def max_iou_over_gt(anchors, gt_boxes, chunk=GT_BLOCK, max_pairs=MAX_PAIRS,
                     best_anchors=False):
     """Best ground truth for every anchor and best anchor IoU for every ground truth.
 
@@ -215,7 +215,7 @@ def max_iou_over_gt(anchors, gt_boxes, chunk=GT_CHUNK, max_pairs=MAX_PAIRS,
         gt_boxes: float32 [G, 4], G >= 1.
         chunk (int): ground-truth boxes per spatial chunk.
         max_pairs (int): (anchor, gt) pairs per IoU block (peak ~4 float32 blocks).
-        best_anchors (bool): also return ``anchors_at_gt_max(anchors, gt_boxes,
+        best_anchors (bool): also return ``at_gt_max(anchors, gt_boxes,
             gt_max_iou)``, found in the same pass (every anchor overlapping a gt is seen
             in that gt's chunk, so its maximum is final when the chunk ends).
     Returns:
@@ -253,31 +253,7 @@ def max_iou_over_gt(anchors, gt_boxes, chunk=GT_CHUNK, max_pairs=MAX_PAIRS,
     return anchor_max_iou, anchor_argmax, gt_max_iou
 
 
-def anchors_at_gt_max(anchors, gt_boxes, gt_max_iou, chunk=GT_CHUNK, max_pairs=MAX_PAIRS):
-    """Anchors that are (one of) the best match of some ground truth.
-
-    The RPN labels these foreground even below the positive threshold, so every object
-    gets an anchor. Ground truths whose best IoU is 0 are skipped (otherwise every anchor
-    would tie with them). Computed like ``max_iou_over_gt``, which can also return this
-    in its own pass (``best_anchors=True``).
-
-    Args:
-        anchors: float32 [A, 4]; gt_boxes: float32 [G, 4].
-        gt_max_iou: float32 [G], e.g. as returned by ``max_iou_over_gt``.
-    Returns:
-        bool [A].
-    """
-    anchors, gt_boxes = _as_boxes(anchors), _as_boxes(gt_boxes)
-    gt_max_iou = np.asarray(gt_max_iou, dtype=np.float32)
-    ret = np.zeros(len(anchors), dtype=bool)
-    for gt_idx, slices in _overlap_blocks(anchors, gt_boxes, chunk, max_pairs):
-        for a in slices:
-            iou = pairwise_iou(anchors[a], gt_boxes[gt_idx])
-            ret[a[_ties_with_gt_max(iou, gt_max_iou[gt_idx])]] = True
-    return ret
-
-
-def max_coverage(boxes, regions, chunk=GT_CHUNK, max_pairs=MAX_PAIRS):
+def max_coverage(boxes, regions, chunk=GT_BLOCK, max_pairs=MAX_PAIRS):
     """The largest fraction of each box's area covered by one region (e.g. crowd boxes).
 
     Equal to ``pairwise_ioa(regions, boxes).max(0)`` (0 without regions), computed like

@@ -29,11 +29,13 @@ import os
 import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
 
+from config_defaults import PRECISIONS
+from utils.compat import disable_cpu_memory_optimizer
+
 __all__ = ['PRECISIONS', 'INTRA_OP_THREADS_ENV', 'INTER_OP_THREADS_ENV', 'usable_cores',
            'thread_counts', 'onednn_enabled', 'session_config', 'session_creator',
            'wrap_optimizer']
 
-PRECISIONS = ('fp32', 'bf16', 'fp16')
 INTRA_OP_THREADS_ENV = 'RCNN_INTRA_OP_THREADS'
 INTER_OP_THREADS_ENV = 'RCNN_INTER_OP_THREADS'
 # Inter-op threads per process: two ops at a time keep the cores busy while one op is a
@@ -112,10 +114,7 @@ def session_config(precision='fp32', intra_op=None, inter_op=None, processes_per
     rewrite = config.graph_options.rewrite_options
     from tensorpack.utils.gpu import get_num_gpu
     if not get_num_gpu():
-        # Grappler's memory optimizer only swaps to host memory on GPUs; on a CPU it gains
-        # nothing (BENCHMARKS.md) and its cost model logs a screenful of "Error in
-        # PredictCost() for the op: op: CropAndResize" warnings (tensorflow#56904).
-        rewrite.memory_optimization = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+        disable_cpu_memory_optimizer(rewrite)
     if precision == 'bf16':
         rewrite.auto_mixed_precision_onednn_bfloat16 = rewriter_config_pb2.RewriterConfig.ON
         if not onednn_enabled():

@@ -3,6 +3,8 @@ loss guard, host memory, log and config files.
 
 Nothing here builds the model; train.py wires these into one tensorpack trainer.
 """
+import utils.compat  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+
 import collections
 import filecmp
 import glob
@@ -21,9 +23,7 @@ from tensorpack.tfutils.varmanip import dump_session_params
 from tensorpack.train.base import StopTraining
 from tensorpack.utils import logger
 
-from common import ImageReadError
-from config import ConfigError, config as cfg
-from dataset import DatasetError, DatasetRegistryError
+from config import config as cfg
 
 # Set to a path prefix to make every rank write <prefix>.rank<k>.npz after training (tests).
 DUMP_WEIGHTS_ENV = 'RCNN_TEST_DUMP_WEIGHTS'
@@ -39,11 +39,6 @@ class TrainingDiverged(StopTraining):
     A `StopTraining`, so tensorpack ends the loop cleanly (after_train runs, nothing more is
     saved); `NonFiniteGuard.raise_if_diverged` re-raises it once training has returned.
     """
-
-
-# What train.py reports as one "Error: ..." line instead of a traceback.
-USER_ERRORS = (UserInputError, TrainingDiverged, ConfigError, DatasetRegistryError,
-               DatasetError, FileNotFoundError, ImageReadError)
 
 
 class DevicePlan(collections.namedtuple('DevicePlan', 'trainer num_devices shard')):
