@@ -11,7 +11,7 @@ import utils.compat  # noqa: F401  (before anything imports TensorFlow)
 import os
 
 from common import ImageReadError
-from config import ConfigError, config as cfg, finalize_configs
+from config import ConfigError, config as cfg, finalize_configs, legacy_values
 from dataset import DatasetError, DatasetRegistry, DatasetRegistryError, register_builtin_datasets
 from utils.training import TrainingDiverged, UserInputError
 
@@ -30,16 +30,24 @@ def add_config_arguments(parser):
                              'MODE_MASK=False')
 
 
-def setup_config(args, is_training, num_gpus=None):
+def setup_config(args, is_training, num_gpus=None, run_config=None):
     """Register datasets, apply ``args.config_file`` then ``args.config``, finalise.
 
     Args:
         args: anything with ``config_file`` (path or None) and ``config`` (list of str).
         is_training (bool): as `config.finalize_configs`.
         num_gpus (int or None): visible GPUs; detected when None.
+        run_config (str or None): the config.yaml of the run being resumed or predicted
+            with (None or a missing file: a new run). Keys it lacks (it was written before
+            they existed) first get the value that keeps the old behaviour
+            (``config.LEGACY_VALUES``, e.g. the old anchor layout); --config-file and
+            --config still override them.
     Raises:
         ConfigError: naming the offending key.
     """
+    if run_config and os.path.isfile(run_config):
+        for key, value in legacy_values(run_config).items():
+            cfg.set_value(key, value)
     if args.config_file:
         cfg.load_yaml(args.config_file)
     cfg.update_args(args.config)

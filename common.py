@@ -86,11 +86,13 @@ def read_image(path, channels=None, order=None):
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
-def resize_shortest_edge(img, short, max_size, interp=cv2.INTER_LINEAR):
+def resize_shortest_edge(img, short, max_size, interp=cv2.INTER_LINEAR, uint8=False):
     """Resize so the short edge is ``short`` unless the long edge would exceed ``max_size``.
 
     Args:
         img: [H, W, C] array.
+        uint8 (bool): resize the image rounded to uint8 (tensorpack resizes the uint8
+            pixels it read: integer results); the output keeps ``img``'s dtype.
     Returns:
         resized [H', W', C] array (same dtype), and the scale (sy, sx) = (H'/H, W'/W) that
         maps coordinates of the input to the output (see `scale_boxes`).
@@ -100,7 +102,8 @@ def resize_shortest_edge(img, short, max_size, interp=cv2.INTER_LINEAR):
     if max(h, w) * scale > max_size:
         scale = max_size / max(h, w)
     new_h, new_w = max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1)
-    out = cv2.resize(img, (new_w, new_h), interpolation=interp)
+    src = np.clip(np.rint(img), 0, 255).astype(np.uint8) if uint8 else img
+    out = cv2.resize(src, (new_w, new_h), interpolation=interp).astype(img.dtype, copy=False)
     if out.ndim == 2:  # cv2 drops a single channel axis
         out = out[:, :, None]
     return out, (new_h / h, new_w / w)

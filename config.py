@@ -10,12 +10,23 @@ import difflib
 
 import config_defaults as D
 from config_defaults import config
-from config_tree import ConfigError, parse_value
+from config_tree import ConfigError, parse_value, read_yaml_leaves
 
 __all__ = ['config', 'cfg', 'finalize_configs', 'ConfigError', 'parse_value',
-           'default_data_format']
+           'default_data_format', 'legacy_values']
 
 cfg = _C = config
+
+# Keys added with a new default behaviour, and the behaviour the code had before them. A
+# run's config.yaml (a full dump) that lacks one was trained and evaluated that old way.
+LEGACY_VALUES = {'RPN.ANCHOR_OFFSET': 0.5, 'BACKBONE.C4_PAD_INPUT': True,
+                 'FRCNN.DECODE_CLIP_SIZE': 1000., 'TEST.MASK_PASTE': 'edge'}
+
+
+def legacy_values(run_config_path):
+    """{key: old value} for the ``LEGACY_VALUES`` keys a run's config.yaml lacks."""
+    present = read_yaml_leaves(run_config_path)
+    return {k: v for k, v in LEGACY_VALUES.items() if k not in present}
 
 
 def _fail(msg):
@@ -30,7 +41,8 @@ _CHOICES = (('TRAINER', D.TRAINERS), ('BACKBONE.DEPTH', D.DEPTHS), ('BACKBONE.NO
             ('PREPROC.IMAGE_CHANNELS', D.IMAGE_CHANNELS),
             ('PREPROC.CHANNEL_ORDER', D.CHANNEL_ORDERS),
             ('FPN.FRCNN_HEAD_FUNC', D.FRCNN_HEAD_FUNCS),
-            ('FPN.MRCNN_HEAD_FUNC', D.MRCNN_HEAD_FUNCS))
+            ('FPN.MRCNN_HEAD_FUNC', D.MRCNN_HEAD_FUNCS),
+            ('TEST.MASK_PASTE', D.MASK_PASTES))
 
 
 def _get(key):
@@ -58,6 +70,13 @@ def _validate():
     _check_choices()
     if C.CASCADE.ENABLED and not C.MODE_FPN:
         _fail('CASCADE.ENABLED=True needs MODE_FPN=True (the cascade heads are FPN heads).')
+    if not 0 <= C.RPN.ANCHOR_OFFSET < 1:
+        _fail('RPN.ANCHOR_OFFSET must be in [0, 1) (fraction of a stride), got {}.'.format(
+            C.RPN.ANCHOR_OFFSET))
+    if C.FRCNN.DECODE_CLIP_SIZE < 0:
+        _fail('FRCNN.DECODE_CLIP_SIZE must be >= 0 (0: PREPROC.MAX_SIZE).')
+    if C.PREPROC.RESIZE_UINT8 and C.PREPROC.IMAGE_CHANNELS == 4:
+        _fail('PREPROC.RESIZE_UINT8=True would round the 4th (depth) channel: use False.')
     if len(C.CASCADE.IOUS) != len(C.CASCADE.BBOX_REG_WEIGHTS):
         _fail('CASCADE.IOUS and CASCADE.BBOX_REG_WEIGHTS must have the same length.')
 

@@ -20,6 +20,7 @@ PRECISIONS = ('fp32', 'bf16', 'fp16')                 # TRAIN.PRECISION (utils/p
 IMAGE_CHANNELS = (1, 3, 4)                            # PREPROC.IMAGE_CHANNELS (common.py)
 CHANNEL_ORDERS = ('BGR', 'RGB')                       # PREPROC.CHANNEL_ORDER (common.py)
 PROPOSAL_MODES = ('Level', 'Joint')                   # FPN.PROPOSAL_MODE (model_fpn.py)
+MASK_PASTES = ('zeros', 'edge')                       # TEST.MASK_PASTE (eval.py)
 # FPN.FRCNN_HEAD_FUNC / FPN.MRCNN_HEAD_FUNC: functions of modeling/model_frcnn.py and
 # modeling/model_mrcnn.py, looked up by these names (their HEAD_FUNCS tables).
 FRCNN_HEAD_FUNCS = ('fastrcnn_2fc_head', 'fastrcnn_4conv1fc_head', 'fastrcnn_4conv1fc_gn_head')
@@ -60,6 +61,10 @@ _C.BACKBONE.FREEZE_AT = 2   # 0: train everything; 1: freeze the stem; 2: also f
 _C.BACKBONE.TRAINABLE = 'all'
 _C.BACKBONE.STRIDE_1X1 = False  # stride in the 1x1 conv of a bottleneck (Caffe-style weights)
 _C.BACKBONE.DATA_FORMAT = ''  # 'NHWC' or 'NCHW'; '' = NCHW on GPU, NHWC on CPU
+# C4 only. False (tensorpack): the image is not padded; a stride-2 shortcut drops an odd last
+# row/column, so res4 is floor(H / 16) x floor(W / 16). True: padded to a multiple of 16
+# first (res4 ceil(H / 16)), the layout of runs saved before this key existed.
+_C.BACKBONE.C4_PAD_INPUT = False
 
 # ---------------------------------------------------------------------------- training
 # The schedule below is the standard COCO 1x recipe, defined for a TOTAL batch of
@@ -93,11 +98,16 @@ _C.PREPROC.PIXEL_MEAN = [103.53, 116.28, 123.675]  # in CHANNEL_ORDER
 _C.PREPROC.PIXEL_STD = [57.375, 57.12, 58.395]
 _C.PREPROC.CROP_SIZE = 0        # >0: train on random CROP_SIZE x CROP_SIZE crops after resize
 _C.PREPROC.HORIZONTAL_FLIP = True
+_C.PREPROC.RESIZE_UINT8 = False  # True: round to uint8 before resizing, as tensorpack does
 
 # ---------------------------------------------------------------------------- RPN
 _C.RPN.ANCHOR_STRIDE = 16       # C4 only
 _C.RPN.ANCHOR_SIZES = (32, 64, 128, 256, 512)
 _C.RPN.ANCHOR_RATIOS = (0.5, 1., 2.)
+# Anchors of feature cell (y, x) are centred at ((x + OFFSET) * stride, (y + OFFSET) * stride):
+# 0 is tensorpack's and detectron2's layout (model-zoo weights need it); 0.5 is the layout of
+# runs saved before this key existed.
+_C.RPN.ANCHOR_OFFSET = 0.
 # Anchor labels: IoU >= POSITIVE with some gt is foreground, < NEGATIVE with all is
 # background; BATCH_PER_IM labels are sampled per image, at most FG_RATIO foreground.
 _C.RPN.POSITIVE_ANCHOR_THRESH = 0.7
@@ -105,6 +115,9 @@ _C.RPN.NEGATIVE_ANCHOR_THRESH = 0.3
 _C.RPN.FG_RATIO = 0.5
 _C.RPN.BATCH_PER_IM = 256
 _C.RPN.MIN_SIZE = 0.            # proposals keep width and height > this (pixels)
+# True (detectron2): proposals of width or height <= MIN_SIZE are always dropped, zero-size
+# ones (clipped away) included. False: only when MIN_SIZE > 0 (tensorpack).
+_C.RPN.DROP_EMPTY_PROPOSALS = True
 _C.RPN.PROPOSAL_NMS_THRESH = 0.7  # NMS IoU among proposals
 _C.RPN.CROWD_OVERLAP_THRESH = 9.99  # anchors overlapping crowd regions more are ignored
 _C.RPN.HEAD_DIM = 1024          # C4 RPN conv channels (FPN uses FPN.NUM_CHANNEL)
@@ -120,6 +133,9 @@ _C.RPN.NUM_ANCHOR = -1          # derived
 # ---------------------------------------------------------------------------- Fast R-CNN
 _C.FRCNN.BATCH_PER_IM = 512
 _C.FRCNN.BBOX_REG_WEIGHTS = [10., 10., 5., 5.]
+# Every box decode (RPN, heads) clips dw, dh at log(X / 16): X = this, or PREPROC.MAX_SIZE
+# when 0 (tensorpack). 1000. is detectron2's and runs' saved before this key existed.
+_C.FRCNN.DECODE_CLIP_SIZE = 0.
 _C.FRCNN.FG_THRESH = 0.5
 _C.FRCNN.FG_RATIO = 0.25
 
@@ -151,6 +167,13 @@ _C.TEST.FRCNN_NMS_THRESH = 0.5
 _C.TEST.RESULT_SCORE_THRESH = 0.05
 _C.TEST.RESULT_SCORE_THRESH_VIS = 0.5  # only for drawing
 _C.TEST.RESULTS_PER_IM = 100
+# Boxes back to the original image: per axis (detectron2) or one isotropic sqrt(sy * sx)
+# (tensorpack), which differ by the rounding of the resized size.
+_C.TEST.ISOTROPIC_SCALE_BACK = False
+# Mask pasting, bilinear at pixel centres: 'zeros' (tensorpack's accurate paste, detectron2):
+# the mask fades to 0 beyond its outer cell centres; 'edge': the edge cells extend to the box
+# edges (runs saved before this key existed).
+_C.TEST.MASK_PASTE = 'zeros'
 
 # Removed keys that the config.yaml of an older run may still hold: accepted (and ignored)
 # only with the value they always had.

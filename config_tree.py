@@ -13,7 +13,7 @@ import pprint
 
 import yaml
 
-__all__ = ['AttrDict', 'ConfigError', 'parse_value']
+__all__ = ['AttrDict', 'ConfigError', 'parse_value', 'read_yaml_leaves']
 
 
 class ConfigError(ValueError):
@@ -176,24 +176,8 @@ class AttrDict:
 
     def load_yaml(self, path):
         """Apply every leaf of a YAML file (as written by ``save_yaml``)."""
-        if not os.path.isfile(path):
-            raise ConfigError('Config file "{}" does not exist.'.format(path))
-        with open(path) as f:
-            try:
-                tree = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError('Config file "{}" is not valid YAML: {}'.format(
-                    path, str(e).replace('\n', ' '))) from None
-        if not isinstance(tree, dict):
-            raise ConfigError('Config file "{}" must hold a mapping.'.format(path))
-
-        def walk(d, prefix):
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, prefix + str(k) + '.')
-                else:
-                    self.set_value(prefix + str(k), v)
-        walk(tree, '')
+        for key, value in read_yaml_leaves(path).items():
+            self.set_value(key, value)
 
     def save_yaml(self, path):
         """Write every leaf; keys derived from this machine are written as 'auto'."""
@@ -206,6 +190,30 @@ class AttrDict:
             node[leaf] = value
         with open(path, 'w') as f:
             yaml.safe_dump(tree, f, default_flow_style=None, sort_keys=False)
+
+
+def read_yaml_leaves(path):
+    """A YAML config file -> {dotted key: value} of its leaves (ConfigError if unreadable)."""
+    if not os.path.isfile(path):
+        raise ConfigError('Config file "{}" does not exist.'.format(path))
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError('Config file "{}" is not valid YAML: {}'.format(
+                path, str(e).replace('\n', ' '))) from None
+    if not isinstance(tree, dict):
+        raise ConfigError('Config file "{}" must hold a mapping.'.format(path))
+    leaves = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, prefix + str(k) + '.')
+            else:
+                leaves[prefix + str(k)] = v
+    walk(tree, '')
+    return leaves
 
 
 def parse_value(text):

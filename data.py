@@ -127,7 +127,10 @@ def _anchor_targets(image_shape, boxes, is_crowd, grids, rng, c):
 
 
 def _feature_shape(image_shape, mult, stride):
-    """(h, w) = ceil(padded / stride) of a feature map of ``stride`` (NOTES.md)."""
+    """(h, w) = ceil(padded / stride) of a feature map of ``stride`` (NOTES.md); floor(H /
+    stride) for an unpadded C4 input (mult 1), whose stride-2 layers drop an odd last row."""
+    if mult == 1:
+        return tuple(int(s) // stride for s in image_shape[:2])
     return tuple(int(math.ceil(padded_size(s, mult) / stride)) for s in image_shape[:2])
 
 
@@ -143,9 +146,9 @@ def get_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None, c=None):
         h = ceil(Hp / RPN.ANCHOR_STRIDE), Hp = padded_size(H, 16), A = sizes x ratios.
     """
     c = cfg if c is None else c
-    mult, stride = image_pad_multiple(False), c.RPN.ANCHOR_STRIDE
+    mult, stride = image_pad_multiple(False, c.BACKBONE.C4_PAD_INPUT), c.RPN.ANCHOR_STRIDE
     grid = get_all_anchors(stride, c.RPN.ANCHOR_SIZES, c.RPN.ANCHOR_RATIOS,
-                           _anchor_field_size(image_shape, mult, c))
+                           _anchor_field_size(image_shape, mult, c), c.RPN.ANCHOR_OFFSET)
     h, w = _feature_shape(image_shape, mult, stride)
     return _anchor_targets(image_shape, boxes, is_crowd, [grid[:h, :w]], rng, c)[0]
 
@@ -160,9 +163,10 @@ def get_multilevel_rpn_anchor_input(image_shape, boxes, is_crowd, rng=None, c=No
         Hp = padded_size(H, 32), A = len(RPN.ANCHOR_RATIOS).
     """
     c = cfg if c is None else c
-    mult = image_pad_multiple(True)
+    mult = image_pad_multiple(True, c.BACKBONE.C4_PAD_INPUT)
     grids = get_all_anchors_fpn(c.FPN.ANCHOR_STRIDES, c.RPN.ANCHOR_SIZES,
-                                c.RPN.ANCHOR_RATIOS, _anchor_field_size(image_shape, mult, c))
+                                c.RPN.ANCHOR_RATIOS, _anchor_field_size(image_shape, mult, c),
+                                c.RPN.ANCHOR_OFFSET)
     sliced = []
     for stride, grid in zip(c.FPN.ANCHOR_STRIDES, grids):
         h, w = _feature_shape(image_shape, mult, stride)
@@ -241,7 +245,8 @@ class TrainingDataPreprocessor:
                            'on detection-only data).', roidb['file_name'])
 
         short = int(rng.integers(pre.TRAIN_SHORT_EDGE_SIZE[0], pre.TRAIN_SHORT_EDGE_SIZE[1] + 1))
-        img, (sy, sx) = resize_shortest_edge(img, short, pre.MAX_SIZE)
+        img, (sy, sx) = resize_shortest_edge(img, short, pre.MAX_SIZE,
+                                             uint8=pre.RESIZE_UINT8)
         boxes = scale_boxes(boxes, sy, sx)
         if segms is not None:
             segms = scale_polygons(segms, sy, sx)

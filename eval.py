@@ -78,17 +78,23 @@ def _interpolation_weights(coords, size):
     return weights
 
 
-def _paste_region(mask, box, shape, threshold):
-    """The box region of one pasted mask.
+def _paste_region(mask, box, shape, threshold, border):
+    """The box region of one pasted mask (see `paste_mask`).
 
     Returns:
         (y0, x0, region): region is bool [h, w] for the image pixels rows y0..y0+h-1 and
-        columns x0..x0+w-1, the pixels whose centre lies in the box; every pixel outside
-        it is 0 in the pasted mask.
+        columns x0..x0+w-1; every pixel outside it is 0 in the pasted mask.
     """
     mask = np.asarray(mask, dtype=np.float32)
     res_y, res_x = mask.shape
     x1, y1, x2, y2 = (float(v) for v in box)
+    if border == 'zeros':
+        # A ring of zero cells around the grid (and the box grown by one cell to cover it):
+        # the mask fades to 0 beyond its outer cell centres.
+        cw, ch = (x2 - x1) / res_x, (y2 - y1) / res_y
+        mask = np.pad(mask, 1)
+        res_y, res_x = res_y + 2, res_x + 2
+        x1, y1, x2, y2 = x1 - cw, y1 - ch, x2 + cw, y2 + ch
     # Pixel x has its centre inside [x1, x2) iff ceil(x1 - 0.5) <= x < ceil(x2 - 0.5).
     x0, xe = (int(np.clip(np.ceil(v - 0.5), 0, shape[1])) for v in (x1, x2))
     y0, ye = (int(np.clip(np.ceil(v - 0.5), 0, shape[0])) for v in (y1, y2))
@@ -99,32 +105,38 @@ def _paste_region(mask, box, shape, threshold):
     v = (np.arange(y0, ye) + 0.5 - y1) * (res_y / (y2 - y1)) - 0.5
     # Separable bilinear sampling of the grid: [h, R] @ [R, R] @ [R, w].
     region = _interpolation_weights(v, res_y) @ mask @ _interpolation_weights(u, res_x).T
-    return y0, x0, region > threshold
+    # tensorpack's and detectron2's pastes keep values equal to the threshold
+    return y0, x0, (region >= threshold) if border == 'zeros' else (region > threshold)
 
 
-def paste_mask(mask, box, shape, threshold=0.5):
+def paste_mask(mask, box, shape, threshold=0.5, border='zeros'):
     """Paste one instance's mask into the full image.
 
     The R x R mask covers exactly the box: cell (r, c) spans x in x1 + [c, c+1) *
-    (x2 - x1) / R (y likewise). Each pixel whose centre lies in the box takes the bilinear
-    interpolation of the mask at its centre (the edge cells' values extend to the box
-    edges), thresholded; every other pixel is 0. Only the box region is computed.
+    (x2 - x1) / R (y likewise), its value is at the cell centre. Each pixel takes the
+    bilinear interpolation of the mask at its centre, thresholded. Beyond the outer cell
+    centres, ``border`` 'zeros' interpolates towards 0 half a cell outside the grid (cfg
+    TEST.MASK_PASTE; tensorpack's accurate paste, detectron2), 'edge' extends the edge
+    cells' values to the box edges (the pixels outside the box are 0). Only the box region
+    is computed.
 
     Args:
         mask: float [R, R] foreground probabilities.
         box: 4 floats x1y1x2y2 in image pixels.
         shape: (H, W) of the image.
-        threshold (float): a pixel is foreground where the interpolated value is above it.
+        threshold (float): a pixel is foreground where the interpolated value is at least
+            ('zeros') / above ('edge') it.
+        border (str): 'zeros' or 'edge'.
     Returns:
         uint8 [H, W] of 0/1.
     """
     out = np.zeros(tuple(shape[:2]), dtype=np.uint8)
-    y0, x0, region = _paste_region(mask, box, shape, threshold)
+    y0, x0, region = _paste_region(mask, box, shape, threshold, border)
     out[y0:y0 + region.shape[0], x0:x0 + region.shape[1]] = region
     return out
 
 
-def iter_paste_masks(masks, boxes, shape, threshold=0.5):
+def iter_paste_masks(masks, boxes, shape, threshold=0.5, border='zeros'):
     """Yield `paste_mask` of each instance in turn: one full-image mask exists at a time
     unless the caller keeps them.
 
@@ -134,7 +146,7 @@ def iter_paste_masks(masks, boxes, shape, threshold=0.5):
         N uint8 [H, W] arrays.
     """
     for mask, box in zip(masks, boxes):
-        yield paste_mask(mask, box, shape, threshold)
+        yield paste_mask(mask, box, shape, threshold, border)
 
 
 def encode_mask(mask):
@@ -144,8 +156,9 @@ def encode_mask(mask):
     return rle
 
 
-def paste_masks_rle(masks, boxes, shape, threshold=0.5):
-    """Paste every instance and encode it as RLE, holding one full-image buffer in all.
+def paste_masks_rle(masks, boxes, shape, threshold=0.5, border='zeros'):
+    """Paste every instance (as `paste_mask`) and encode it as RLE, holding one full-image
+    buffer in all.
 
     Args:
         masks: float [N, R, R]; boxes: float [N, 4] x1y1x2y2 image pixels; shape: (H, W).
@@ -157,7 +170,7 @@ def paste_masks_rle(masks, boxes, shape, threshold=0.5):
     buf = np.zeros(tuple(shape[:2]), dtype=np.uint8, order='F')
     rles = []
     for mask, box in zip(masks, boxes):
-        y0, x0, region = _paste_region(mask, box, shape, threshold)
+        y0, x0, region = _paste_region(mask, box, shape, threshold, border)
         window = buf[y0:y0 + region.shape[0], x0:x0 + region.shape[1]]
         window[...] = region
         rles.append(encode_mask(buf))
@@ -179,12 +192,15 @@ def _run_model(img, model_func, timings):
     Returns:
         (outputs, (sy, sx)): the graph's outputs (list of arrays, in resized pixels) and the
         exact per-axis factors from resized to original pixels (rounding the resized size
-        makes them differ slightly).
+        makes them differ slightly); with TEST.ISOTROPIC_SCALE_BACK their geometric mean
+        on both axes (tensorpack).
     """
     start = time.perf_counter()
     resized, _ = resize_shortest_edge(img, cfg.PREPROC.TEST_SHORT_EDGE_SIZE,
-                                      cfg.PREPROC.MAX_SIZE)
+                                      cfg.PREPROC.MAX_SIZE, uint8=cfg.PREPROC.RESIZE_UINT8)
     back = (img.shape[0] / resized.shape[0], img.shape[1] / resized.shape[1])
+    if cfg.TEST.ISOTROPIC_SCALE_BACK:
+        back = (float(np.sqrt(back[0] * back[1])),) * 2
     start = _add_time(timings, 'preprocess', start)
     outputs = model_func(resized)
     _add_time(timings, 'graph', start)
@@ -200,9 +216,9 @@ def _postprocess(outputs, scale, shape, mask_format):
     if len(outputs) < 4:
         masks = itertools.repeat(None)
     elif mask_format == 'rle':
-        masks = paste_masks_rle(outputs[3], boxes, shape)
+        masks = paste_masks_rle(outputs[3], boxes, shape, border=cfg.TEST.MASK_PASTE)
     else:
-        masks = iter_paste_masks(outputs[3], boxes, shape)
+        masks = iter_paste_masks(outputs[3], boxes, shape, border=cfg.TEST.MASK_PASTE)
     return [DetectionResult(box, float(score), int(label), mask)
             for box, score, label, mask in zip(boxes, scores, labels, masks)]
 

@@ -95,7 +95,7 @@ def train(args):
     Raises:
         one of cli.USER_ERRORS on input the user can fix, or TrainingDiverged.
     """
-    setup_config(args, is_training=True)
+    setup_config(args, is_training=True, run_config=os.path.join(args.logdir, 'config.yaml'))
 
     import tensorflow as tf
     from tensorpack import logger

@@ -166,6 +166,11 @@ def _conv3x3(name, x, channels, stride, activation):
 def _shortcut(x, out_channels, stride):
     if x.shape.as_list()[channel_axis()] == out_channels and stride == 1:
         return x
+    if stride == 2:
+        # An odd side n gives ceil(n / 2) here but floor(n / 2) in the residual branch
+        # (unpadded C4 input): drop the last row/column, as tensorpack does. For even n the
+        # 1x1 stride-2 conv never reads it, so this changes nothing.
+        x = x[:, :, :-1, :-1] if feature_data_format() == 'NCHW' else x[:, :-1, :-1, :]
     return Conv2D('convshortcut', x, out_channels, 1, strides=stride, padding='VALID',
                   activation=_norm)
 
@@ -233,12 +238,13 @@ def resnet_c4_backbone(image, num_blocks, train_conv0=False):
     """Stem + res2..res4 for the C4 model.
 
     Args:
-        image: float32 [1, C, H, W] or [1, H, W, C] (cfg.BACKBONE.DATA_FORMAT), normalised,
-            H and W multiples of 16; C (1, 3 or 4) must be static.
+        image: float32 [1, C, H, W] or [1, H, W, C] (cfg.BACKBONE.DATA_FORMAT), normalised;
+            C (1, 3 or 4) must be static.
         num_blocks: 3 or 4 ints (blocks of res2..res4; a 4th is ignored).
         train_conv0 (bool): conv0 trains even when the stem is frozen.
     Returns:
-        C4 feature [1, 1024, H/16, W/16] (256 channels for ResNet-18/34), same data format.
+        C4 feature [1, 1024, floor(H/16), floor(W/16)] (256 channels for ResNet-18/34),
+        same data format.
     """
     return _resnet_stages(image, num_blocks, 3, train_conv0)[-1]
 

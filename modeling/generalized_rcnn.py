@@ -6,7 +6,8 @@ the tensors of NOTES.md ("Graph inputs"); in training ``build_graph`` returns th
 cost, in inference it defines the stable outputs ``output/boxes`` [N, 4] (pixels of the
 fed image), ``output/scores`` [N], ``output/labels`` int32 [N] in 1..C and, with
 MODE_MASK, ``output/masks`` [N, R, R] probabilities (R = MRCNN.RESOLUTION for FPN, 14 for
-C4), plus ``output/proposal_boxes`` [P, 4] for visualisation.
+C4), plus ``output/proposal_boxes`` [P, 4] and their objectness logits
+``output/proposal_scores`` [P] (visualisation, comparisons with tensorpack).
 
 ``GeneralizedRCNN.build_graph`` calls three hooks in order, each declared (with shapes) on
 the base class: ``backbone`` -> ``rpn`` -> ``roi_heads``. The FPN models add one more,
@@ -92,17 +93,20 @@ class GeneralizedRCNN(ModelDesc):
     def preprocess(self, image):
         """float32 [H, W, C] raw pixels -> normalised [1, Hp, Wp, C] or [1, C, Hp, Wp].
 
-        Hp, Wp: H, W padded with zeros (after normalisation) to ``image_pad_multiple``.
+        Hp, Wp: H, W padded with zeros (after normalisation) to ``image_pad_multiple``
+        (C4 without BACKBONE.C4_PAD_INPUT: not padded).
         """
         with tf.name_scope('image_preprocess'):
             mean = tf.constant(cfg.PREPROC.PIXEL_MEAN, tf.float32)
             std = tf.constant(cfg.PREPROC.PIXEL_STD, tf.float32)
             image = (image - mean) * (1. / std)
-            mult = image_pad_multiple(cfg.MODE_FPN)
-            shape = tf.shape(image)[:2]
-            padded = tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) / mult) * mult, tf.int32)
-            pad = padded - shape
-            image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
+            mult = image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT)
+            if mult > 1:
+                shape = tf.shape(image)[:2]
+                padded = tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) / mult) * mult,
+                                 tf.int32)
+                pad = padded - shape
+                image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
             image = image[None]
             if cfg.BACKBONE.DATA_FORMAT == 'NCHW':
                 image = tf.transpose(image, [0, 3, 1, 2])
@@ -194,17 +198,19 @@ class ResNetC4Model(GeneralizedRCNN):
         featuremap = features[0]
         training = self.training
         label_logits, box_logits = rpn_head('rpn', featuremap, cfg.RPN.HEAD_DIM, cfg.RPN.NUM_ANCHOR)
-        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN))
+        max_size = padded_size(cfg.PREPROC.MAX_SIZE,
+                               image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT))
         all_anchors = get_all_anchors(cfg.RPN.ANCHOR_STRIDE, cfg.RPN.ANCHOR_SIZES,
-                                      cfg.RPN.ANCHOR_RATIOS, max_size)
+                                      cfg.RPN.ANCHOR_RATIOS, max_size, cfg.RPN.ANCHOR_OFFSET)
         anchors = RPNAnchors(all_anchors, inputs.get('anchor_labels'),
                              inputs.get('anchor_boxes')).narrow_to(featuremap)
         pred_boxes = anchors.decode_logits(box_logits)  # [h, w, A, 4]
-        proposals, _ = generate_rpn_proposals(
+        proposals, proposal_scores = generate_rpn_proposals(
             tf.reshape(pred_boxes, [-1, 4]), tf.reshape(label_logits, [-1]), image_shape2d,
             cfg.RPN.TRAIN_PRE_NMS_TOPK if training else cfg.RPN.TEST_PRE_NMS_TOPK,
             cfg.RPN.TRAIN_POST_NMS_TOPK if training else cfg.RPN.TEST_POST_NMS_TOPK)
         tf.identity(proposals, name='output/proposal_boxes')
+        tf.identity(proposal_scores, name='output/proposal_scores')
         if not training:
             return BoxProposals(proposals), []
         losses = rpn_losses(anchors.gt_labels, anchors.encoded_gt_boxes(), label_logits, box_logits)
@@ -251,9 +257,10 @@ class ResNetFPNModel(GeneralizedRCNN):
         return fpn_model('fpn', c2345)
 
     def rpn(self, features, inputs, image_shape2d):
-        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN))
+        max_size = padded_size(cfg.PREPROC.MAX_SIZE,
+                               image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT))
         all_anchors = get_all_anchors_fpn(cfg.FPN.ANCHOR_STRIDES, cfg.RPN.ANCHOR_SIZES,
-                                          cfg.RPN.ANCHOR_RATIOS, max_size)
+                                          cfg.RPN.ANCHOR_RATIOS, max_size, cfg.RPN.ANCHOR_OFFSET)
         anchors, label_logits, box_logits = [], [], []
         for i, (featuremap, stride) in enumerate(zip(features, cfg.FPN.ANCHOR_STRIDES)):
             lvl = int(round(math.log2(stride)))
@@ -267,9 +274,10 @@ class ResNetFPNModel(GeneralizedRCNN):
             label_logits.append(logits)
             box_logits.append(deltas)
         pred_boxes = [a.decode_logits(d) for a, d in zip(anchors, box_logits)]
-        proposals, _ = generate_fpn_proposals(pred_boxes, label_logits, image_shape2d,
-                                              self.training)
+        proposals, proposal_scores = generate_fpn_proposals(pred_boxes, label_logits,
+                                                            image_shape2d, self.training)
         tf.identity(proposals, name='output/proposal_boxes')
+        tf.identity(proposal_scores, name='output/proposal_scores')
         if not self.training:
             return BoxProposals(proposals), []
         losses = multilevel_rpn_losses(anchors, label_logits, box_logits)

@@ -9,11 +9,17 @@ import numpy as np
 import utils.compat  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow.compat.v1 as tf
 
-__all__ = ['clip_boxes', 'encode_bbox_target', 'decode_bbox_target', 'area',
+from config import config as cfg
+
+__all__ = ['decode_clip', 'clip_boxes', 'encode_bbox_target', 'decode_bbox_target', 'area',
            'pairwise_iou', 'crop_and_resize_aligned', 'roi_align']
 
-# Largest dw/dh accepted by decode: a box may grow at most 1000/16 times its anchor.
-_BBOX_XFORM_CLIP = float(np.log(1000. / 16.))
+
+def decode_clip():
+    """Largest dw/dh accepted by decode: log(X / 16), a 16-px anchor grows at most to X px;
+    X = cfg.FRCNN.DECODE_CLIP_SIZE, or cfg.PREPROC.MAX_SIZE when that is 0 (tensorpack)."""
+    size = cfg.FRCNN.DECODE_CLIP_SIZE or cfg.PREPROC.MAX_SIZE
+    return float(np.log(size / 16.))
 
 
 def clip_boxes(boxes, window, name=None):
@@ -73,9 +79,10 @@ def decode_bbox_target(deltas, anchors, weights=(1., 1., 1., 1.)):
         deltas = deltas / tf.constant(weights, dtype=tf.float32)
         dx, dy, dw, dh = tf.split(deltas, 4, axis=-1)
         # An untrained head can predict huge dw/dh; exp() of them overflows to inf and the
-        # inf/NaN boxes would poison NMS and RoIAlign. Clip to a 1000/16 scale change.
-        dw = tf.minimum(dw, _BBOX_XFORM_CLIP)
-        dh = tf.minimum(dh, _BBOX_XFORM_CLIP)
+        # inf/NaN boxes would poison NMS and RoIAlign. Clip the scale change.
+        clip = decode_clip()
+        dw = tf.minimum(dw, clip)
+        dh = tf.minimum(dh, clip)
         ax, ay, aw, ah = _centre_size(anchors)
         cx = dx * aw + ax
         cy = dy * ah + ay

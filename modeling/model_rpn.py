@@ -104,7 +104,8 @@ def generate_rpn_proposals(boxes, scores, img_shape, pre_nms_topk, post_nms_topk
         pre_nms_topk (int): boxes kept before NMS.
         post_nms_topk (int): at most this many after NMS (default pre_nms_topk).
     Returns:
-        boxes: float32 [K, 4] inside the image, with width and height > cfg.RPN.MIN_SIZE.
+        boxes: float32 [K, 4] inside the image, with width and height > cfg.RPN.MIN_SIZE
+            (with RPN.DROP_EMPTY_PROPOSALS=False and MIN_SIZE 0: any, zero-size included).
         scores: float32 [K] their logits, K <= post_nms_topk. Both without gradient.
     """
     post_nms_topk = pre_nms_topk if post_nms_topk is None else post_nms_topk
@@ -116,11 +117,13 @@ def generate_rpn_proposals(boxes, scores, img_shape, pre_nms_topk, post_nms_topk
         topk_boxes = clip_boxes(tf.gather(boxes, topk_indices), img_shape)
 
         # Clipping flattens boxes outside the image to zero size; those (and any box
-        # below MIN_SIZE) would give NaN regression targets downstream.
-        wh = topk_boxes[:, 2:] - topk_boxes[:, :2]
-        valid = tf.reduce_all(wh > cfg.RPN.MIN_SIZE, axis=1)
-        topk_boxes = tf.boolean_mask(topk_boxes, valid)
-        topk_scores = tf.boolean_mask(topk_scores, valid)
+        # below MIN_SIZE) would give NaN regression targets downstream. tensorpack keeps
+        # them when MIN_SIZE is 0 (RPN.DROP_EMPTY_PROPOSALS=False reproduces that).
+        if cfg.RPN.DROP_EMPTY_PROPOSALS or cfg.RPN.MIN_SIZE > 0:
+            wh = topk_boxes[:, 2:] - topk_boxes[:, :2]
+            valid = tf.reduce_all(wh > cfg.RPN.MIN_SIZE, axis=1)
+            topk_boxes = tf.boolean_mask(topk_boxes, valid)
+            topk_scores = tf.boolean_mask(topk_scores, valid)
 
         # non_max_suppression expects (y1, x1, y2, x2), but IoU is symmetric in x and y.
         keep = tf.image.non_max_suppression(topk_boxes, topk_scores,

@@ -347,7 +347,7 @@ def test_generate_fpn_proposals(config, mode, training):
     config.RPN.TRAIN_PER_LEVEL_NMS_TOPK = config.RPN.TEST_PER_LEVEL_NMS_TOPK = 15
     rng = np.random.RandomState(3)
     anchors = get_all_anchors_fpn((4, 8, 16, 32, 64), (32, 64, 128, 256, 512), (0.5, 1., 2.),
-                                  128)
+                                  128, 0.)
     with tf.Graph().as_default(), TowerContext('', is_training=training):
         boxes = [model_box.decode_bbox_target(
             tf.constant(rng.normal(0, 0.2, a.shape).astype(np.float32)), tf.constant(a))
@@ -363,7 +363,7 @@ def test_generate_fpn_proposals(config, mode, training):
 def test_rpn_anchors_narrow_and_losses(config):
     h, w = 64, 96
     all_anchors = get_all_anchors_fpn((4, 8, 16, 32, 64), (32, 64, 128, 256, 512),
-                                      (0.5, 1., 2.), 128)
+                                      (0.5, 1., 2.), 128, 0.)
     with tf.Graph().as_default(), TowerContext('', is_training=True):
         feats, _ = _fake_features('NHWC', h, w, channels=(8, 8, 8, 8))
         feats.append(tf.zeros([1, 1, 2, 8]))  # P6
@@ -388,8 +388,8 @@ def test_rpn_anchors_narrow_and_losses(config):
         grads = tf.gradients(losses, box_logits)
         vals = _run([[a.boxes for a in narrowed], losses, decoded, grads], feed)
     assert [v.shape[:2] for v in vals[0]] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
-    # P3 (stride 8), cell (y=2, x=3), ratio 1 of size 64: centred at (3.5 * 8, 2.5 * 8)
-    np.testing.assert_allclose(vals[0][1][2, 3, 1], [28 - 32, 20 - 32, 28 + 32, 20 + 32])
+    # P3 (stride 8), cell (y=2, x=3), ratio 1 of size 64: centred at (3 * 8, 2 * 8)
+    np.testing.assert_allclose(vals[0][1][2, 3, 1], [24 - 32, 16 - 32, 24 + 32, 16 + 32])
     assert np.all(np.isfinite(vals[1])) and vals[1][1] > 0
     assert all(np.all(np.isfinite(g)) for g in vals[3]) and np.any(vals[3][0] != 0)
     np.testing.assert_allclose(vals[2][0, 0, 0], [1., 2., 30., 40.], atol=1e-4)

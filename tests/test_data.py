@@ -174,7 +174,7 @@ def test_anchor_labels_equal_dense_reference(tiny_cfg, monkeypatch):
     cfg.RPN.BATCH_PER_IM = 10 ** 6  # no subsampling: compare every label
     monkeypatch.setattr(data, '_IOU_CHUNK_PAIRS', 5000)  # many chunks over gt
     rs = np.random.RandomState(1)
-    anchors = get_all_anchors(16, (24, 48), (0.5, 1, 2), 160)[:8, :10].reshape(-1, 4)
+    anchors = get_all_anchors(16, (24, 48), (0.5, 1, 2), 160, 0.5)[:8, :10].reshape(-1, 4)
     _, anchors = common.filter_boxes_inside_shape(anchors, (128, 160))
     xy = rs.uniform(0, 120, (40, 2))
     gt = np.concatenate([xy, xy + rs.uniform(6, 60, (40, 2))], 1).astype(np.float32)
@@ -219,11 +219,17 @@ def test_anchor_input_shapes(tiny_cfg):
             assert labels.shape == (h, w, len(cfg.RPN.ANCHOR_RATIOS)) and labels.dtype == np.int32
             assert aboxes.shape == (h, w, len(cfg.RPN.ANCHOR_RATIOS), 4)
         labels, aboxes = data.get_rpn_anchor_input(shape, boxes, crowd)
-        h, w = (math.ceil(padded_size(s, 16) / 16) for s in shape)
+        h, w = (s // 16 for s in shape)  # C4 input not padded: floor(H / 16) cells
         num = len(cfg.RPN.ANCHOR_SIZES) * len(cfg.RPN.ANCHOR_RATIOS)
         assert labels.shape == (h, w, num) and aboxes.shape == (h, w, num, 4)
-        if min(shape) < 64:  # no C4 anchor fits inside such a narrow image
-            assert (labels == -1).all()
+        # the old layout: padded to 16 (ceil), anchors at cell centres
+        cfg.BACKBONE.C4_PAD_INPUT, cfg.RPN.ANCHOR_OFFSET = True, 0.5
+        padded_labels, _ = data.get_rpn_anchor_input(shape, boxes, crowd)
+        cfg.BACKBONE.C4_PAD_INPUT, cfg.RPN.ANCHOR_OFFSET = False, 0.
+        assert padded_labels.shape[:2] == tuple(math.ceil(padded_size(s, 16) / 16)
+                                                for s in shape)
+        if min(shape) < 64:  # few C4 anchors fit inside such a narrow image: the rest are -1
+            assert (labels == -1).mean() > 0.9 and (padded_labels == -1).all()
             continue
         assert (labels == 1).any()
         fg_boxes = aboxes[labels == 1]
@@ -259,11 +265,12 @@ def _check_datapoint(dp, mode_fpn, mode_mask, num_gt):
     assert 96 <= min(img.shape[:2]) <= 128 and max(img.shape[:2]) <= 200
     names = input_names(mode_fpn, mode_mask)
     assert sorted(dp) == sorted(names)
-    mult = 32 if mode_fpn else 16
     anchor_keys = [n for n in names if n.startswith('anchor_labels')]
     strides = cfg.FPN.ANCHOR_STRIDES if mode_fpn else [cfg.RPN.ANCHOR_STRIDE]
     for key, stride in zip(anchor_keys, strides):
-        h, w = (math.ceil(padded_size(s, mult) / stride) for s in img.shape[:2])
+        # FPN: padded to 32, ceil; C4: not padded (BACKBONE.C4_PAD_INPUT=False), floor
+        h, w = (math.ceil(padded_size(s, 32) / stride) if mode_fpn else s // stride
+                for s in img.shape[:2])
         labels, boxes = dp[key], dp[key.replace('labels', 'boxes')]
         assert labels.dtype == np.int32 and labels.shape[:2] == (h, w)
         assert boxes.dtype == np.float32 and boxes.shape == labels.shape + (4,)

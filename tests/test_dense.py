@@ -55,7 +55,8 @@ def _scene(rng, n, h, w):
 def test_fast_matcher_equals_dense(chunk, max_pairs):
     rng = np.random.default_rng(chunk)
     h, w = 160, 224
-    grids = get_all_anchors_fpn((4, 8, 16, 32, 64), (16, 32, 64, 128, 256), (0.5, 1, 2), 256)
+    grids = get_all_anchors_fpn((4, 8, 16, 32, 64), (16, 32, 64, 128, 256), (0.5, 1, 2), 256,
+                                0.)
     flat = np.concatenate([g.reshape(-1, 4) for g in grids])
     _, anchors = filter_boxes_inside_shape(flat, (h, w))
     anchors = np.concatenate([anchors, rng.uniform(0, 200, (50, 4)).astype(np.float32)])

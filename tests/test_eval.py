@@ -45,6 +45,28 @@ def reference_paste(mask, box, shape, threshold=0.5):
     return out
 
 
+def reference_zeros_paste(mask, box, shape, threshold=0.5):
+    """Pixel loops: bilinear interpolation of the mask at each pixel centre, with value 0
+    outside the grid (cell c's centre at c; detectron2's grid_sample with zero padding and
+    align_corners=False, tensorpack's accurate paste); set iff >= threshold."""
+    res = mask.shape[0]
+    x1, y1, x2, y2 = box
+    out = np.zeros(shape, dtype=np.uint8)
+
+    def cell(r, c):
+        return float(mask[r, c]) if 0 <= r < res and 0 <= c < res else 0.
+    for y in range(shape[0]):
+        for x in range(shape[1]):
+            u = (x + 0.5 - x1) / (x2 - x1) * res - 0.5
+            v = (y + 0.5 - y1) / (y2 - y1) * res - 0.5
+            c0, r0 = int(np.floor(u)), int(np.floor(v))
+            fu, fv = u - c0, v - r0
+            val = ((1 - fv) * ((1 - fu) * cell(r0, c0) + fu * cell(r0, c0 + 1)) +
+                   fv * ((1 - fu) * cell(r0 + 1, c0) + fu * cell(r0 + 1, c0 + 1)))
+            out[y, x] = val >= threshold
+    return out
+
+
 def iou(a, b):
     union = np.logical_or(a, b).sum()
     return np.logical_and(a, b).sum() / union if union else 1.
@@ -54,7 +76,7 @@ def iou(a, b):
                                  (30, 1, 60, 9), (50, 50, 70, 80)])
 def test_paste_constant_mask_is_exact_on_integer_boxes(box):
     mask = np.full((14, 14), 0.9, dtype=np.float32)
-    got = ev.paste_mask(mask, box, (40, 50))
+    got = ev.paste_mask(mask, box, (40, 50), border='edge')
     assert got.dtype == np.uint8 and got.shape == (40, 50)
     np.testing.assert_array_equal(got, reference_paste(mask, box, (40, 50)))
 
@@ -66,7 +88,7 @@ def test_paste_blocky_mask_is_exact_on_integer_scales(scale):
     rs = np.random.RandomState(scale)
     mask = (rs.uniform(size=(8, 8)) > 0.5).astype(np.float32)
     box = (4, 7, 4 + 8 * scale, 7 + 8 * scale)
-    got = ev.paste_mask(mask, box, (40, 45))
+    got = ev.paste_mask(mask, box, (40, 45), border='edge')
     np.testing.assert_array_equal(got, reference_paste(mask, box, (40, 45)))
     assert got.sum() == mask.sum() * scale ** 2  # each cell became scale x scale pixels
 
@@ -79,9 +101,39 @@ def test_paste_fractional_boxes_close_to_reference():
         x1, y1 = rs.uniform(-10, 60, size=2)
         w, h = rs.uniform(30, 70, size=2)
         box = (x1, y1, x1 + w, y1 + h)
-        got = ev.paste_mask(disc, box, (90, 100))
+        got = ev.paste_mask(disc, box, (90, 100), border='edge')
         want = reference_paste(disc, box, (90, 100))
         assert want.sum() > 100 and iou(got, want) >= 0.97, (box, iou(got, want))
+
+
+def test_zeros_paste_equals_zero_padded_bilinear_reference():
+    """TEST.MASK_PASTE='zeros' (the default): tensorpack's accurate paste / detectron2."""
+    rs = np.random.RandomState(3)
+    for i in range(8):
+        mask = rs.uniform(size=(14, 14)).astype(np.float32)
+        if i % 2:
+            mask = (mask > 0.3).astype(np.float32)  # steps: ties at exactly 0.5 matter
+        x1, y1 = rs.uniform(-8, 30, size=2)
+        box = (x1, y1, x1 + rs.uniform(5, 40), y1 + rs.uniform(5, 40))
+        got = ev.paste_mask(mask, box, (50, 60))
+        want = reference_zeros_paste(mask, box, (50, 60))
+        # float32 vs float64 interpolation may flip a pixel sitting on the threshold
+        assert want.sum() > 10 and (got != want).sum() <= 2, (box, (got != want).sum())
+
+
+def test_zeros_and_edge_paste_differ_only_in_the_outer_half_cell():
+    ones = np.ones((14, 14), dtype=np.float32)
+    box = (5, 5, 33, 33)  # 2 px per cell
+    for border in ('zeros', 'edge'):  # a certain mask fills exactly its box either way
+        got = ev.paste_mask(ones, box, (40, 40), border=border)
+        assert got[5:33, 5:33].all() and got.sum() == 28 * 28
+    soft = np.full((14, 14), 0.8, dtype=np.float32)
+    edge = ev.paste_mask(soft, box, (40, 40), border='edge')
+    zeros = ev.paste_mask(soft, box, (40, 40), border='zeros')
+    assert edge.sum() == 28 * 28
+    # 'zeros' fades 0.8 to 0.4 at the box edge: the outermost pixel ring (centre 0.25 cell
+    # inside: 0.8 * 0.75 = 0.6) stays, the corners (0.6 * 0.75 = 0.45) go
+    assert zeros[5:33, 5:33].sum() == 28 * 28 - 4 and zeros.sum() == 28 * 28 - 4
 
 
 def test_paste_box_outside_image_or_degenerate_gives_empty_mask():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
+from config import config as cfg
 from modeling import model_box
 from utils import np_box_ops
 from utils.anchors import cell_anchors, get_all_anchors, get_all_anchors_fpn
@@ -40,12 +41,17 @@ def test_encode_decode_round_trip():
     np.testing.assert_allclose(d, [[2., 0., 0., 0.]], atol=1e-6)
 
 
-def test_decode_clips_huge_deltas():
+@pytest.mark.parametrize('clip_size,max_size,width', [(0., 1344, 1344.), (1000., 1344, 1000.)])
+def test_decode_clips_huge_deltas(monkeypatch, clip_size, max_size, width):
+    """A 16-px anchor grows to at most FRCNN.DECODE_CLIP_SIZE px (0: PREPROC.MAX_SIZE, as
+    tensorpack's log(MAX_SIZE / 16))."""
+    monkeypatch.setattr(cfg.FRCNN, 'DECODE_CLIP_SIZE', clip_size, raising=False)
+    monkeypatch.setattr(cfg.PREPROC, 'MAX_SIZE', max_size, raising=False)
     deltas = np.array([[0., 0., 100., 100.]], np.float32)
     anchors = np.array([[0., 0., 16., 16.]], np.float32)
     boxes = _run(model_box.decode_bbox_target, deltas, anchors)
     assert np.all(np.isfinite(boxes))
-    np.testing.assert_allclose(boxes[0, 2] - boxes[0, 0], 1000., rtol=1e-4)
+    np.testing.assert_allclose(boxes[0, 2] - boxes[0, 0], width, rtol=1e-4)
 
 
 def test_clip_boxes():
@@ -214,28 +220,30 @@ def test_roi_align_known_value():
 # ------------------------------------------------------------------------ anchors
 
 
-def test_anchor_counts_and_centres():
+@pytest.mark.parametrize('offset', [0., 0.5])
+def test_anchor_counts_and_centres(offset):
     sizes, ratios = (32., 64.), (0.5, 1., 2.)
-    anchors = get_all_anchors(16, sizes, ratios, 100)
+    anchors = get_all_anchors(16, sizes, ratios, 100, offset)
     assert anchors.shape == (7, 7, 6, 4) and anchors.dtype == np.float32
     centres = (anchors[..., :2] + anchors[..., 2:]) / 2
     ys, xs = np.mgrid[0:7, 0:7]
-    np.testing.assert_allclose(centres[..., 0], np.broadcast_to(((xs + 0.5) * 16)[..., None],
+    np.testing.assert_allclose(centres[..., 0], np.broadcast_to(((xs + offset) * 16)[..., None],
                                                                 (7, 7, 6)), atol=1e-4)
-    np.testing.assert_allclose(centres[..., 1], np.broadcast_to(((ys + 0.5) * 16)[..., None],
+    np.testing.assert_allclose(centres[..., 1], np.broadcast_to(((ys + offset) * 16)[..., None],
                                                                 (7, 7, 6)), atol=1e-4)
-    cell = cell_anchors(16, sizes, ratios)
+    cell = cell_anchors(16, sizes, ratios, offset)
     wh = cell[:, 2:] - cell[:, :2]
     np.testing.assert_allclose(np.sqrt(wh[:, 0] * wh[:, 1]), [32.] * 3 + [64.] * 3, rtol=1e-5)
     np.testing.assert_allclose(wh[:, 1] / wh[:, 0], list(ratios) * 2, rtol=1e-5)
 
 
-def test_fpn_anchor_levels():
+@pytest.mark.parametrize('offset', [0., 0.5])
+def test_fpn_anchor_levels(offset):
     strides, sizes = (4, 8, 16, 32, 64), (32, 64, 128, 256, 512)
-    levels = get_all_anchors_fpn(strides, sizes, (0.5, 1., 2.), 128)
+    levels = get_all_anchors_fpn(strides, sizes, (0.5, 1., 2.), 128, offset)
     assert [a.shape for a in levels] == [(f, f, 3, 4) for f in (32, 16, 8, 4, 2)]
     for stride, size, a in zip(strides, sizes, levels):
         f = a.shape[0]
         np.testing.assert_allclose((a[-1, 0, 1, :2] + a[-1, 0, 1, 2:]) / 2,
-                                   [0.5 * stride, (f - 0.5) * stride], atol=1e-4)
+                                   [offset * stride, (f - 1 + offset) * stride], atol=1e-4)
         np.testing.assert_allclose(a[0, 0, 1, 2:] - a[0, 0, 1, :2], [size, size], rtol=1e-5)
