@@ -78,11 +78,17 @@ def serving_metadata():
 
 
 def inner_graph_def(predictor, output_names=None):
-    """The predictor's graph (input ``image``, outputs ``output_names``, default
-    `get_inference_output_names`) with its variables frozen to constants: the GraphDef
-    that `build_serving_graph` wraps."""
-    names = get_inference_output_names() if output_names is None else output_names
-    return freeze_graph_def(predictor.sess, predictor.graph.as_graph_def(), names)
+    """The predictor's graph (input ``image``) with its variables frozen to constants: the
+    GraphDef that `build_serving_graph` wraps.
+
+    Args:
+        predictor: predict.py's predictor, whose outputs start with ``output/boxes``,
+            ``output/scores``, ``output/labels`` (and ``output/masks``).
+        output_names (list of str or None): the outputs kept; default the predictor's.
+    """
+    if output_names is None:
+        output_names = [t.op.name for t in predictor.output_tensors]
+    return freeze_graph_def(predictor.sess, predictor.graph.as_graph_def(), output_names)
 
 
 # ---------------------------------------------------------------------- in-graph pre/post
@@ -172,9 +178,9 @@ def _detect_one(image, shape_out, inner, meta):
     """
     shape2d = tf.shape(image)[:2]
     resized, size = _resize(image, meta)
+    names = get_inference_output_names(meta['mode_mask'])
     outputs = tf1.import_graph_def(inner, input_map={'image:0': resized}, name='model',
-                                   return_elements=[n + ':0' for n in get_inference_output_names(
-                                       meta['mode_mask'])])
+                                   return_elements=[n + ':0' for n in names])
     boxes, scores, labels = outputs[:3]
     back = tf.cast(shape2d, tf.float64) / tf.cast(size, tf.float64)  # (sy, sx)
     if meta['isotropic_scale_back']:

@@ -5,17 +5,13 @@ resize, scale back and mask paste): one image at a time, as a batch, from encode
 different sizes, and through the frozen GraphDef."""
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import cv2
 import numpy as np
 import pytest
 
-from tiny import configured
+from tiny import configured, run_plain_tensorflow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> config overrides of the exported model
 MODELS = {
     'bgr': [],
@@ -27,11 +23,8 @@ MODELS = {
 # Image sizes (H, W): two of the same size for the batch, then others for encoded inputs.
 SIZES = [(100, 140), (100, 140), (150, 96), (61, 203)]
 
-PLAIN_TF = textwrap.dedent("""
-    import json, os, sys
+PLAIN_TF = """
     import numpy as np
-    # The project's own tree must not be importable (its virtualenv may live inside it).
-    assert os.path.abspath(ROOT) not in [os.path.abspath(p or '.') for p in sys.path], sys.path
     import tensorflow as tf
 
     def run(fn, **kw):
@@ -61,11 +54,7 @@ PLAIN_TF = textwrap.dedent("""
                 frozen = sess.run(['boxes:0', 'masks:0'], {'images:0': images[2][None]})
         out['frozen_boxes'], out['frozen_masks'] = frozen
         np.savez(os.path.join(d, 'plain.npz'), **out)
-    own = [m.__name__ for m in list(sys.modules.values())
-           if os.path.abspath(getattr(m, '__file__', None) or '/').startswith(ROOT + os.sep)
-           and 'site-packages' not in m.__file__]
-    assert not own, own
-""")
+"""
 
 
 def _export_model(name, folder):
@@ -109,12 +98,7 @@ def served(tmp_path_factory):
     for name in MODELS:
         os.makedirs(os.path.join(tmp, name))
         wants[name] = _export_model(name, os.path.join(tmp, name))
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    env['TF_USE_LEGACY_KERAS'] = '1'
-    code = 'ROOT = {!r}\nTMP = {!r}\nMODELS = {!r}\nN = {}\n'.format(
-        ROOT, tmp, list(MODELS), len(SIZES)) + PLAIN_TF
-    plain = subprocess.run([sys.executable, '-c', code], cwd=tmp, env=env, capture_output=True,
-                           text=True, timeout=600)
+    plain = run_plain_tensorflow(PLAIN_TF, tmp, TMP=tmp, MODELS=list(MODELS), N=len(SIZES))
     assert plain.returncode == 0, plain.stderr[-3000:]
     return {name: (dict(np.load(os.path.join(tmp, name, 'plain.npz'))), *wants[name],
                    os.path.join(tmp, name)) for name in MODELS}

@@ -1,6 +1,10 @@
 """Test helpers: a tiny model configuration for fast CPU tests, a context manager to apply
-it, and a dataset split over given roidbs."""
+it, a dataset split over given roidbs, and a fresh process with plain TensorFlow only."""
 import contextlib
+import os
+import subprocess
+import sys
+import textwrap
 
 import yaml
 
@@ -60,3 +64,33 @@ class ListSplit(DatasetSplit):
 
     def inference_roidbs(self):
         return [{'file_name': r['file_name'], 'image_id': r['image_id']} for r in self._roidbs]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PLAIN_PROLOGUE = """
+import os, sys
+# The project's own tree must not be importable (its virtualenv may live inside it).
+assert os.path.abspath(ROOT) not in [os.path.abspath(p or '.') for p in sys.path], sys.path
+"""
+_PLAIN_EPILOGUE = """
+own = [m.__name__ for m in list(sys.modules.values())
+       if os.path.abspath(getattr(m, '__file__', None) or '/').startswith(ROOT + os.sep)
+       and 'site-packages' not in m.__file__]
+assert not own, own
+"""
+
+
+def run_plain_tensorflow(body, workdir, **names):
+    """Run the Python source ``body`` as a user without this project would: a fresh process,
+    no PYTHONPATH, in ``workdir``; each of ``names`` (and ROOT) is a global of the script.
+    It fails if the project is on sys.path or any project module got imported.
+
+    Returns:
+        subprocess.CompletedProcess (text output).
+    """
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env['TF_USE_LEGACY_KERAS'] = '1'
+    header = ''.join('{} = {!r}\n'.format(k, v) for k, v in dict(names, ROOT=ROOT).items())
+    code = header + _PLAIN_PROLOGUE + textwrap.dedent(body) + _PLAIN_EPILOGUE
+    return subprocess.run([sys.executable, '-c', code], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
