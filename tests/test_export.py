@@ -16,7 +16,7 @@ from tiny import configured, run_plain_tensorflow
 MODELS = {
     'bgr': [],
     'rgb': ['PREPROC.CHANNEL_ORDER=RGB', 'PREPROC.PIXEL_MEAN=[123.675,116.28,103.53]',
-            'PREPROC.PIXEL_STD=[58.395,57.12,57.375]'],
+            'PREPROC.PIXEL_STD=[58.395,57.12,57.375]', 'TEST.ISOTROPIC_SCALE_BACK=True'],
     'gray': ['PREPROC.IMAGE_CHANNELS=1', 'PREPROC.PIXEL_MEAN=[118.]', 'PREPROC.PIXEL_STD=[57.]',
              'TEST.MASK_PASTE=edge'],
 }
