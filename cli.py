@@ -37,11 +37,10 @@ def setup_config(args, is_training, num_gpus=None, run_config=None):
         args: anything with ``config_file`` (path or None) and ``config`` (list of str).
         is_training (bool): as `config.finalize_configs`.
         num_gpus (int or None): visible GPUs; detected when None.
-        run_config (str or None): the config.yaml of the run being resumed or predicted
-            with (None or a missing file: a new run). Keys it lacks (it was written before
-            they existed) first get the value that keeps the old behaviour
-            (``config.LEGACY_VALUES``, e.g. the old anchor layout); --config-file and
-            --config still override them.
+        run_config: the config.yaml of the run being resumed or predicted with (None or a
+            missing file: a new run). Keys it lacks (it was written before they existed)
+            first get the value that keeps the old behaviour (``config.LEGACY_VALUES``,
+            e.g. the old anchor layout); --config-file and --config still override them.
     Raises:
         ConfigError: naming the offending key.
     """
@@ -51,5 +50,6 @@ def setup_config(args, is_training, num_gpus=None, run_config=None):
     if args.config_file:
         cfg.load_yaml(args.config_file)
     cfg.update_args(args.config)
-    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS)
+    register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS,
+                              cfg.DATA.TRAIN, cfg.DATA.DROP_UNUSED_CATEGORIES)
     finalize_configs(is_training=is_training, num_gpus=num_gpus, registry=DatasetRegistry)

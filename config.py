@@ -9,24 +9,13 @@ freezes the tree. Tests override keys with ``cfg.override([...])`` (tests/confte
 import difflib
 
 import config_defaults as D
-from config_defaults import config
+from config_defaults import LEGACY_VALUES, config
 from config_tree import ConfigError, parse_value, read_yaml_leaves
 
 __all__ = ['config', 'cfg', 'finalize_configs', 'ConfigError', 'parse_value',
-           'default_data_format', 'legacy_values']
+           'default_data_format', 'legacy_values', 'LEGACY_VALUES']
 
 cfg = _C = config
-
-# Keys added with a new default behaviour, and the behaviour the code had before them. A
-# run's config.yaml (a full dump) that lacks one was trained and evaluated that old way.
-LEGACY_VALUES = {'RPN.ANCHOR_OFFSET': 0.5, 'BACKBONE.C4_PAD_INPUT': True,
-                 'FRCNN.DECODE_CLIP_SIZE': 1000., 'TEST.MASK_PASTE': 'edge'}
-
-
-def legacy_values(run_config_path):
-    """{key: old value} for the ``LEGACY_VALUES`` keys a run's config.yaml lacks."""
-    present = read_yaml_leaves(run_config_path)
-    return {k: v for k, v in LEGACY_VALUES.items() if k not in present}
 
 
 def _fail(msg):
@@ -38,11 +27,11 @@ _CHOICES = (('TRAINER', D.TRAINERS), ('BACKBONE.DEPTH', D.DEPTHS), ('BACKBONE.NO
             ('BACKBONE.FREEZE_AT', D.FREEZE_AT), ('BACKBONE.TRAINABLE', D.TRAINABLE_LAYERS),
             ('BACKBONE.DATA_FORMAT', D.DATA_FORMATS), ('FPN.NORM', D.FPN_NORMS),
             ('FPN.PROPOSAL_MODE', D.PROPOSAL_MODES), ('TRAIN.PRECISION', D.PRECISIONS),
+            ('TEST.MASK_PASTE', D.MASK_PASTE_MODES),
             ('PREPROC.IMAGE_CHANNELS', D.IMAGE_CHANNELS),
             ('PREPROC.CHANNEL_ORDER', D.CHANNEL_ORDERS),
             ('FPN.FRCNN_HEAD_FUNC', D.FRCNN_HEAD_FUNCS),
-            ('FPN.MRCNN_HEAD_FUNC', D.MRCNN_HEAD_FUNCS),
-            ('TEST.MASK_PASTE', D.MASK_PASTES))
+            ('FPN.MRCNN_HEAD_FUNC', D.MRCNN_HEAD_FUNCS))
 
 
 def _get(key):
@@ -133,6 +122,12 @@ def _derive_classes(registry):
                           .format(name, e)) from None
     _C.DATA.CLASS_NAMES = ['BG'] + names
     _C.DATA.NUM_CATEGORY = len(names)
+
+
+def legacy_values(run_config_path):
+    """{key: old value} for the ``LEGACY_VALUES`` keys a run's config.yaml lacks."""
+    present = read_yaml_leaves(run_config_path)
+    return {k: v for k, v in LEGACY_VALUES.items() if k not in present}
 
 
 def default_data_format(num_gpus):

@@ -20,7 +20,7 @@ PRECISIONS = ('fp32', 'bf16', 'fp16')                 # TRAIN.PRECISION (utils/p
 IMAGE_CHANNELS = (1, 3, 4)                            # PREPROC.IMAGE_CHANNELS (common.py)
 CHANNEL_ORDERS = ('BGR', 'RGB')                       # PREPROC.CHANNEL_ORDER (common.py)
 PROPOSAL_MODES = ('Level', 'Joint')                   # FPN.PROPOSAL_MODE (model_fpn.py)
-MASK_PASTES = ('zeros', 'edge')                       # TEST.MASK_PASTE (eval.py)
+MASK_PASTE_MODES = ('zeros', 'edge')                  # TEST.MASK_PASTE (eval.py)
 # FPN.FRCNN_HEAD_FUNC / FPN.MRCNN_HEAD_FUNC: functions of modeling/model_frcnn.py and
 # modeling/model_mrcnn.py, looked up by these names (their HEAD_FUNCS tables).
 FRCNN_HEAD_FUNCS = ('fastrcnn_2fc_head', 'fastrcnn_4conv1fc_head', 'fastrcnn_4conv1fc_gn_head')
@@ -47,6 +47,9 @@ _C.DATA.VAL = ('coco_val2017',)
 _C.DATA.COCO_JSON_SPLITS = []
 _C.DATA.NUM_CATEGORY = -1   # derived from the first training set's "class_names" metadata
 _C.DATA.CLASS_NAMES = []    # derived likewise; background is prepended as index 0
+# A COCO_JSON_SPLITS category that no training annotation uses (Roboflow's parent class,
+# labelme's _background_) is logged; True leaves it out of the classes of every json split.
+_C.DATA.DROP_UNUSED_CATEGORIES = True
 _C.DATA.FILTER_EMPTY_ANNOTATIONS = True
 _C.DATA.NUM_WORKERS = 4     # data worker processes; 0 runs the pipeline in the main process
 _C.DATA.MAX_GT_INSTANCES = 0  # >0: a random subset of this many instances per image (logged)
@@ -119,7 +122,10 @@ _C.RPN.MIN_SIZE = 0.            # proposals keep width and height > this (pixels
 # ones (clipped away) included. False: only when MIN_SIZE > 0 (tensorpack).
 _C.RPN.DROP_EMPTY_PROPOSALS = True
 _C.RPN.PROPOSAL_NMS_THRESH = 0.7  # NMS IoU among proposals
-_C.RPN.CROWD_OVERLAP_THRESH = 9.99  # anchors overlapping crowd regions more are ignored
+# Anchors covered by a crowd box over more than this fraction of their area are ignored
+# (e.g. 0.7). Above 1 (the default, as Detectron, Detectron2 and tensorpack): off, crowd
+# regions count as background for the RPN.
+_C.RPN.CROWD_OVERLAP_THRESH = 9.99
 _C.RPN.HEAD_DIM = 1024          # C4 RPN conv channels (FPN uses FPN.NUM_CHANNEL)
 # C4: top-k before and after NMS; FPN: PER_LEVEL_NMS_TOPK per level, then POST_NMS_TOPK.
 _C.RPN.TRAIN_PRE_NMS_TOPK = 12000
@@ -175,6 +181,10 @@ _C.TEST.ISOTROPIC_SCALE_BACK = False
 # edges (runs saved before this key existed).
 _C.TEST.MASK_PASTE = 'zeros'
 
+# Keys added with a new default behaviour, and the behaviour the code had before them. A
+# run's config.yaml (a full dump) that lacks one was trained and evaluated that old way.
+LEGACY_VALUES = {'RPN.ANCHOR_OFFSET': 0.5, 'BACKBONE.C4_PAD_INPUT': True,
+                 'FRCNN.DECODE_CLIP_SIZE': 1000., 'TEST.MASK_PASTE': 'edge'}
 # Removed keys that the config.yaml of an older run may still hold: accepted (and ignored)
 # only with the value they always had.
 RETIRED_KEYS = {

@@ -45,21 +45,13 @@ SIGNATURE_OUTPUTS = ('num_detections', 'boxes', 'scores', 'classes', 'category_i
 MASK_THRESHOLD = 0.5
 
 
-def _category_ids(num_classes):
-    """The training set's own category id of each class 1..C (COCO-format splits keep them
-    as ``category_ids``); 1..C when the split has none or cannot be loaded here."""
-    from dataset import DatasetRegistry
-    try:
-        ids = list(getattr(DatasetRegistry.get(cfg.DATA.TRAIN[0]), 'category_ids', None) or [])
-    except Exception as e:  # e.g. the training data is not on the exporting machine
-        logger.warn('Export: cannot load "{}" for its category ids ({}); using 1..C.'.format(
-            cfg.DATA.TRAIN[0], e))
-        ids = []
-    return [int(i) for i in ids] if len(ids) == num_classes else list(range(1, num_classes + 1))
+def serving_metadata(category_ids):
+    """What the exported graph bakes in from the (finalised) config, as a JSON-ready dict.
 
-
-def serving_metadata():
-    """What the exported graph bakes in from the (finalised) config, as a JSON-ready dict."""
+    Args:
+        category_ids (list of int): the dataset's own id of each class 1..C
+            (``predict.class_category_ids()``).
+    """
     pre = cfg.PREPROC
     return {
         'image_channels': pre.IMAGE_CHANNELS,
@@ -73,7 +65,7 @@ def serving_metadata():
         'mode_mask': cfg.MODE_MASK, 'mask_threshold': MASK_THRESHOLD,
         'mask_paste': cfg.TEST.MASK_PASTE,
         'class_names': list(cfg.DATA.CLASS_NAMES),
-        'category_ids': _category_ids(cfg.DATA.NUM_CATEGORY),
+        'category_ids': [int(i) for i in category_ids],
     }
 
 
@@ -85,6 +77,7 @@ def inner_graph_def(predictor, output_names=None):
         predictor: predict.py's predictor, whose outputs start with ``output/boxes``,
             ``output/scores``, ``output/labels`` (and ``output/masks``).
         output_names (list of str or None): the outputs kept; default the predictor's.
+    Not tensorpack's ``export_compact``, which fails on TF 2.18 (utils/compat.py, shim 8).
     """
     if output_names is None:
         output_names = [t.op.name for t in predictor.output_tensors]
@@ -291,15 +284,14 @@ def _write_metadata(directory, meta):
         f.write('\n'.join(text) + '\n')
 
 
-def export_savedmodel(predictor, directory, meta=None):
+def export_savedmodel(predictor, directory, meta):
     """Write the end-to-end SavedModel (module docstring) of a predictor's model to
     ``directory`` (must not exist yet), with metadata.json and README.txt.
 
     Args:
         predictor: a tensorpack ``OfflinePredictor`` of the configured model (predict.py).
-        meta: `serving_metadata()` (default: from the current config).
+        meta: `serving_metadata`.
     """
-    meta = serving_metadata() if meta is None else meta
     graph, signatures = build_serving_graph(inner_graph_def(predictor), meta)
     build = tf1.saved_model.utils.build_tensor_info
     with graph.as_default(), tf1.Session(graph=graph) as sess:
@@ -317,12 +309,11 @@ def export_savedmodel(predictor, directory, meta=None):
     logger.info('SavedModel written to {}.'.format(directory))
 
 
-def export_frozen_graph(predictor, filename, meta=None):
+def export_frozen_graph(predictor, filename, meta):
     """Write the end-to-end graph (everything constant) as one GraphDef (.pb); tensors
     ``images:0`` -> ``num_detections:0``, ``boxes:0``, ... (`SIGNATURE_OUTPUTS`) and
     ``encoded/encoded:0`` -> ``encoded/boxes:0``, ..., ``encoded/image_sizes:0``. The
-    metadata goes next to it as ``<filename>.json``."""
-    meta = serving_metadata() if meta is None else meta
+    metadata (`serving_metadata`) goes next to it as ``<filename>.json``."""
     graph, _ = build_serving_graph(inner_graph_def(predictor), meta)
     with open(filename, 'wb') as f:
         f.write(graph.as_graph_def().SerializeToString())

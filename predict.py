@@ -20,8 +20,8 @@ run's config.yaml lacks (written before they existed) keep the behaviour it was 
 with (config.LEGACY_VALUES, e.g. the anchor layout). Images are read
 exactly as in training (common.read_image), in the channel order the model was trained on.
 
-Exit status: 2 for a bad --load path, dataset name or existing --export-savedmodel folder,
-1 for a config error (as train.py); with --predict,
+Exit status: 1 with one "Error: ..." line (as train.py) for a bad config, --load path,
+dataset name or existing --export-savedmodel folder; with --predict,
 1 when no input could be processed and 0 otherwise (unreadable inputs are reported on the
 way and listed again at the end).
 """
@@ -33,7 +33,7 @@ import json
 import os
 import sys
 
-from cli import add_config_arguments, setup_config
+from cli import USER_ERRORS, add_config_arguments, setup_config
 from config import config as cfg
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -126,13 +126,26 @@ def build_predictor(weights, extra_outputs=()):
         session_creator=session_creator(cfg.TRAIN.PRECISION)))
 
 
+def class_category_ids():
+    """The dataset's own category id of each class 1..C: the training json's ids (registered
+    metadata ``category_ids``), else the class ids (datasets without ids of their own)."""
+    from dataset import DatasetRegistry, DatasetRegistryError
+    try:
+        ids = list(DatasetRegistry.get_metadata(cfg.DATA.TRAIN[0], 'category_ids'))
+    except DatasetRegistryError:
+        ids = []
+    return ids if len(ids) == cfg.DATA.NUM_CATEGORY else list(range(1, cfg.DATA.NUM_CATEGORY + 1))
+
+
 def detections_json(path, img, results):
-    """JSON-ready record of one image's detections (original-image pixels, class names)."""
+    """JSON-ready record of one image's detections (original-image pixels): per detection
+    ``category_id`` (the dataset's own id), ``class_id`` (contiguous 1..C), ``class_name``."""
     from eval import detection_to_dict
-    dets = []
+    category_ids, dets = class_category_ids(), []
     for r in results:
         d = detection_to_dict(r, None)
-        dets.append({'class_id': d['category_id'], 'class_name': cfg.DATA.CLASS_NAMES[r.class_id],
+        dets.append({'category_id': category_ids[r.class_id - 1], 'class_id': d['category_id'],
+                     'class_name': cfg.DATA.CLASS_NAMES[r.class_id],
                      'score': d['score'], 'box_x1y1x2y2': d['bbox'],
                      **({'segmentation': d['segmentation']} if 'segmentation' in d else {})})
     return {'file': path, 'height': img.shape[0], 'width': img.shape[1], 'detections': dets}
@@ -207,7 +220,8 @@ def run_benchmark(args, predictor):
         except ImageReadError as e:
             print(e)
     if not images:
-        sys.exit('--benchmark: no readable image.')
+        from utils.training import UserInputError
+        raise UserInputError('--benchmark: no readable image.')
     for img in images[:1] * 2:
         predict_image(img, predictor, mask_format='rle')
     timings = {}
@@ -266,8 +280,8 @@ def training_config_file(load):
 
 
 def main(args):
-    from dataset import DatasetRegistryError
-    from utils.training import UserInputError, WeightsLoader
+    """Run; a user error (config, path, dataset) ends with one "Error: ..." line, status 1."""
+    from utils.training import WeightsLoader
     run_config = training_config_file(args.load)
     if args.config_file is None:
         # The training run's own config: same channels, channel order and model shape
@@ -280,14 +294,13 @@ def main(args):
         chosen = auto_precision() if args.precision == 'auto' else args.precision
         print('predict.py: precision {} (--precision {})'.format(chosen, args.precision))
         args.config = list(args.config) + ['TRAIN.PRECISION=' + chosen]
-    setup_config(args, is_training=False, run_config=run_config)
     try:
+        setup_config(args, is_training=False, run_config=run_config)
         weights = WeightsLoader(args.load)  # reads the file now: a bad path fails here
         return run(args, weights)
-    except (UserInputError, DatasetRegistryError, FileNotFoundError) as e:
-        # A bad path or dataset name: one line, no traceback.
-        print('predict.py: {}'.format(e), file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # the user can fix these: one line, no traceback
+        print('Error: {}'.format(e), file=sys.stderr)
+        return 1
 
 
 def run(args, weights):
@@ -302,12 +315,13 @@ def run(args, weights):
                 args.export_pb]):
         return 0
     predictor = build_predictor(weights)
-    if args.export_savedmodel:
-        from export import export_savedmodel
-        export_savedmodel(predictor, args.export_savedmodel)
-    if args.export_pb:
-        from export import export_frozen_graph
-        export_frozen_graph(predictor, args.export_pb)
+    if args.export_savedmodel or args.export_pb:
+        import export
+        meta = export.serving_metadata(class_category_ids())
+        if args.export_savedmodel:
+            export.export_savedmodel(predictor, args.export_savedmodel, meta)
+        if args.export_pb:
+            export.export_frozen_graph(predictor, args.export_pb, meta)
     if args.evaluate:
         run_evaluate(args, predictor)
     if args.benchmark:

@@ -29,12 +29,14 @@ def parse_args(argv=None):
 
 
 def _devices():
-    """(rank, devices, ranks on this machine): Horovod's, else one process for all GPUs."""
+    """(rank, DevicePlan, ranks on this machine): Horovod's, else one process."""
+    from utils.training import plan_devices
     if cfg.TRAINER == 'horovod':
         import horovod.tensorflow as hvd
         hvd.init()
-        return hvd.rank(), hvd.size(), hvd.local_size()
-    return 0, max(cfg.TRAIN.NUM_GPUS, 1), 1
+        plan = plan_devices(cfg.TRAINER, cfg.TRAIN.NUM_GPUS, hvd.rank(), hvd.size())
+        return hvd.rank(), plan, hvd.local_size()
+    return 0, plan_devices(cfg.TRAINER, cfg.TRAIN.NUM_GPUS), 1
 
 
 def _session_init(args, resume_ckpt):
@@ -79,12 +81,12 @@ def _callbacks(logdir, schedule, guard, num_devices, rank):
     return callbacks
 
 
-def _trainer(num_devices):
+def _trainer(plan):
     from tensorpack.train import HorovodTrainer, SimpleTrainer, SyncMultiGPUTrainerReplicated
-    if cfg.TRAINER == 'horovod':
+    if plan.trainer == 'horovod':
         return HorovodTrainer(average=True)
-    if num_devices > 1:
-        return SyncMultiGPUTrainerReplicated(num_devices, average=True, mode='nccl')
+    if plan.trainer == 'replicated':
+        return SyncMultiGPUTrainerReplicated(plan.num_devices, average=True, mode='nccl')
     return SimpleTrainer()
 
 
@@ -107,7 +109,8 @@ def train(args):
     from utils.training import (NonFiniteGuard, ScaledSchedule, add_log_file,
                                 find_resume_checkpoint, write_config)
 
-    rank, num_devices, local_ranks = _devices()
+    rank, plan, local_ranks = _devices()
+    num_devices = plan.num_devices
     tf.compat.v1.set_random_seed(cfg.TRAIN.SEED + rank)
     schedule = ScaledSchedule(num_devices)
 
@@ -130,7 +133,7 @@ def train(args):
             return
 
     guard = NonFiniteGuard(schedule, checkpoint_dir=args.logdir)
-    dataflow = get_train_dataflow(shard=(rank, num_devices) if num_devices > 1 else None)
+    dataflow = get_train_dataflow(shard=plan.shard)
     traincfg = TrainConfig(
         model=build_model(), data=None, dataflow=dataflow,
         callbacks=_callbacks(args.logdir, schedule, guard, num_devices, rank),
@@ -139,7 +142,7 @@ def train(args):
         max_epoch=schedule.max_epoch, session_init=session_init,
         # threads shared fairly by the ranks on this machine; TRAIN.PRECISION's graph rewrite
         session_creator=session_creator(cfg.TRAIN.PRECISION, processes_per_machine=local_ranks))
-    launch_train_with_config(traincfg, _trainer(num_devices))
+    launch_train_with_config(traincfg, _trainer(plan))
     guard.raise_if_diverged()
 
 

@@ -50,8 +50,8 @@ def measure(profile, config_file, config, intra, inter, onednn, images, warmup):
     from common import read_image
     from config import config as cfg
     from eval import predict_image
-    from export import export_savedmodel
-    from predict import build_predictor
+    from export import export_savedmodel, serving_metadata
+    from predict import build_predictor, class_category_ids
     job = dict(profile=profile, config_file=config_file, config=config, intra=intra,
                inter=inter)
     harness.setup_config(profile, config_file, BENCH_OVERRIDES + list(config), is_training=False)
@@ -64,7 +64,8 @@ def measure(profile, config_file, config, intra, inter, onednn, images, warmup):
         ret['predict_ms'], ret['predict_spread_ms'] = _times_ms(
             lambda: predict_image(img, predictor), warmup, images)
         ret['detections'] = len(predict_image(img, predictor))
-        export_savedmodel(predictor, os.path.join(tmp, 'savedmodel'))
+        export_savedmodel(predictor, os.path.join(tmp, 'savedmodel'),
+                          serving_metadata(class_category_ids()))
         serve = tf.saved_model.load(os.path.join(tmp, 'savedmodel')).signatures['serving_default']
         one = tf.constant(np.uint8(img)[None])
         four = tf.constant(np.repeat(np.uint8(img)[None], 4, axis=0))

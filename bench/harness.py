@@ -19,6 +19,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+class UserError(Exception):
+    """A measurement's child process ended with one "Error: ..." line (a user error)."""
+
 # Named starting points; --config-file and --config apply on top.
 #   r50-fpn: the config defaults, i.e. the COCO R50-FPN Mask R-CNN 1x recipe with COCO's 80
 #            classes (only the class names are read: no COCO file is needed), 800 x 1333.
@@ -83,6 +87,9 @@ def run_isolated(script, job, timeout=3600):
     proc = subprocess.run([sys.executable, os.path.abspath(script), '--job', json.dumps(job)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith('Error: ')]
+    if proc.returncode == 1 and errors:
+        raise UserError(errors[-1][len('Error: '):])
     if proc.returncode != 0 or not lines:
         raise RuntimeError('benchmark job {} failed (exit {}):\n{}'.format(
             job, proc.returncode, (proc.stdout + proc.stderr)[-4000:]))
@@ -90,8 +97,24 @@ def run_isolated(script, job, timeout=3600):
 
 
 def run_job(measure, job_json):
-    """The child side of `run_isolated`: ``measure(**job)``, printed as one JSON line."""
-    print(json.dumps(measure(**json.loads(job_json))), flush=True)
+    """The child side of `run_isolated`: ``measure(**job)``, printed as one JSON line; a
+    user error (bad config key or value, missing file, unknown dataset) as one line."""
+    import utils.compat  # noqa: F401  (before utils.training imports TensorFlow)
+    from cli import USER_ERRORS
+    try:
+        result = measure(**json.loads(job_json))
+    except USER_ERRORS as e:
+        sys.exit('Error: {}'.format(e))
+    print(json.dumps(result), flush=True)
+
+
+def run_main(main):
+    """A script's ``main()``; a `UserError` of a measurement ends it with that one
+    "Error: ..." line on stderr and exit status 1."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit('Error: {}'.format(e))
 
 
 def main_loop(script, args, **extra):

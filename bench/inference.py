@@ -215,4 +215,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    harness.run_main(main)

@@ -21,6 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import harness  # noqa: E402
 from bench.dense import run_isolated  # noqa: E402
 
 BASE = ['BACKBONE.DEPTH=50', 'PREPROC.TRAIN_SHORT_EDGE_SIZE=[512,512]',
@@ -83,4 +84,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    harness.run_main(main)

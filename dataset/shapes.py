@@ -20,9 +20,9 @@ from .dataset import DatasetRegistry, DatasetSplit, evaluate_coco, roidbs_to_coc
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ShapesDataset", "generate_image", "register_shapes", "CLASS_NAMES"]
+__all__ = ['ShapesDataset', 'generate_image', 'register_shapes', 'CLASS_NAMES']
 
-CLASS_NAMES = ["circle", "square", "triangle"]
+CLASS_NAMES = ['circle', 'square', 'triangle']
 # Bump when generation changes: it is part of the cache folder name, so stale PNGs
 # from an older generator are never paired with new annotations.
 _VERSION = 1
@@ -168,19 +168,19 @@ def generate_image(seed, index, min_size=192, max_size=320, dense=False, num_den
             boxes.append(vis[0])
             cls_out.append(cls)
             segms.append(vis[1])
-    roidb = {"height": h, "width": w,
-             "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-             "class": np.asarray(cls_out, np.int32),
-             "is_crowd": np.zeros(len(cls_out), np.int8),
-             "segmentation": segms}
+    roidb = {'height': h, 'width': w,
+             'boxes': np.asarray(boxes, np.float32).reshape(-1, 4),
+             'class': np.asarray(cls_out, np.int32),
+             'is_crowd': np.zeros(len(cls_out), np.int8),
+             'segmentation': segms}
     return image, roidb
 
 
 def _write_atomic(path, data):
     """Write bytes via a temp file + os.replace: concurrent readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, 'wb') as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -191,14 +191,14 @@ def _write_atomic(path, data):
 
 def default_cache_root():
     """``$SHAPES_CACHE_DIR`` if set, else ``~/.cache/rcnn_shapes``."""
-    return os.environ.get("SHAPES_CACHE_DIR") or os.path.expanduser("~/.cache/rcnn_shapes")
+    return os.environ.get('SHAPES_CACHE_DIR') or os.path.expanduser('~/.cache/rcnn_shapes')
 
 
 class ShapesDataset(DatasetSplit):
     """``num_images`` synthetic images; PNGs cached under
     ``<cache_root>/<split>_<seed>_<num_images>_<min_size>-<max_size>_v<version>/``."""
 
-    def __init__(self, split="train", num_images=600, seed=0, min_size=192, max_size=320,
+    def __init__(self, split='train', num_images=600, seed=0, min_size=192, max_size=320,
                  dense=False, cache_root=None):
         """
         Args:
@@ -213,18 +213,18 @@ class ShapesDataset(DatasetSplit):
         self.min_size, self.max_size = min_size, max_size
         root = cache_root or default_cache_root()
         self.cache_dir = os.path.join(
-            root, f"{split}_{seed}_{num_images}_{min_size}-{max_size}_v{_VERSION}")
+            root, f'{split}_{seed}_{num_images}_{min_size}-{max_size}_v{_VERSION}')
         self._roidbs = None
         self._coco_gt = None
 
     def _make(self, index):
         """Generate image ``index``, write its PNG unless cached; return its roidb."""
         image, rdb = generate_image(self.seed, index, self.min_size, self.max_size, self.dense)
-        path = os.path.join(self.cache_dir, f"{index:05d}.png")
+        path = os.path.join(self.cache_dir, f'{index:05d}.png')
         if not os.path.isfile(path):
-            ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            ok, buf = cv2.imencode('.png', image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
             if not ok:
-                raise IOError(f"PNG encoding failed for {path!r}")
+                raise IOError(f'PNG encoding failed for {path!r}')
             _write_atomic(path, buf.tobytes())
         rdb.update(file_name=path, image_id=index)
         return rdb
@@ -240,14 +240,14 @@ class ShapesDataset(DatasetSplit):
         """
         if self._roidbs is not None:
             return self._roidbs
-        ann_file = os.path.join(self.cache_dir, "annotations.pkl")
-        names = [f"{i:05d}.png" for i in range(self.num_images)]
+        ann_file = os.path.join(self.cache_dir, 'annotations.pkl')
+        names = [f'{i:05d}.png' for i in range(self.num_images)]
         if os.path.isfile(ann_file) and all(
                 os.path.isfile(os.path.join(self.cache_dir, n)) for n in names):
-            with open(ann_file, "rb") as f:
+            with open(ann_file, 'rb') as f:
                 roidbs = pickle.load(f)
             for rdb, n in zip(roidbs, names):  # the folder may have moved
-                rdb["file_name"] = os.path.join(self.cache_dir, n)
+                rdb['file_name'] = os.path.join(self.cache_dir, n)
         else:
             os.makedirs(self.cache_dir, exist_ok=True)
             # Threads: cv2 and large numpy ops release the GIL; each image has its own
@@ -255,13 +255,13 @@ class ShapesDataset(DatasetSplit):
             with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
                 roidbs = list(ex.map(self._make, range(self.num_images)))
             _write_atomic(ann_file, pickle.dumps(roidbs))
-            logger.info("shapes: generated %d images in %s", len(roidbs), self.cache_dir)
+            logger.info('shapes: generated %d images in %s', len(roidbs), self.cache_dir)
         self._roidbs = roidbs
         return roidbs
 
     def inference_roidbs(self):
         """All images: dicts with ``file_name``, ``image_id``, ``height``, ``width``."""
-        return [{k: r[k] for k in ("file_name", "image_id", "height", "width")}
+        return [{k: r[k] for k in ('file_name', 'image_id', 'height', 'width')}
                 for r in self.training_roidbs()]
 
     def eval_inference_results(self, results, output=None):
@@ -277,12 +277,12 @@ def register_shapes(num_train=600, num_val=100, min_size=192, max_size=320,
     """Register ``shapes_train``, ``shapes_val`` (2-6 shapes per image) and
     ``shapes_dense_train``, ``shapes_dense_val`` (1000-3000 per image), all with
     class_names ['circle', 'square', 'triangle']. Nothing is generated until used."""
-    specs = {"shapes_train": ("train", num_train, 0, min_size, max_size, False),
-             "shapes_val": ("val", num_val, 1, min_size, max_size, False),
-             "shapes_dense_train": ("dense_train", num_dense_train, 2, dense_min_size,
+    specs = {'shapes_train': ('train', num_train, 0, min_size, max_size, False),
+             'shapes_val': ('val', num_val, 1, min_size, max_size, False),
+             'shapes_dense_train': ('dense_train', num_dense_train, 2, dense_min_size,
                                     dense_max_size, True),
-             "shapes_dense_val": ("dense_val", num_dense_val, 3, dense_min_size,
+             'shapes_dense_val': ('dense_val', num_dense_val, 3, dense_min_size,
                                   dense_max_size, True)}
     for name, args in specs.items():
         DatasetRegistry.register(name, lambda a=args: ShapesDataset(*a))
-        DatasetRegistry.register_metadata(name, "class_names", list(CLASS_NAMES))
+        DatasetRegistry.register_metadata(name, 'class_names', list(CLASS_NAMES))

@@ -198,8 +198,7 @@ class ResNetC4Model(GeneralizedRCNN):
         featuremap = features[0]
         training = self.training
         label_logits, box_logits = rpn_head('rpn', featuremap, cfg.RPN.HEAD_DIM, cfg.RPN.NUM_ANCHOR)
-        max_size = padded_size(cfg.PREPROC.MAX_SIZE,
-                               image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT))
+        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT))
         all_anchors = get_all_anchors(cfg.RPN.ANCHOR_STRIDE, cfg.RPN.ANCHOR_SIZES,
                                       cfg.RPN.ANCHOR_RATIOS, max_size, cfg.RPN.ANCHOR_OFFSET)
         anchors = RPNAnchors(all_anchors, inputs.get('anchor_labels'),
@@ -257,8 +256,7 @@ class ResNetFPNModel(GeneralizedRCNN):
         return fpn_model('fpn', c2345)
 
     def rpn(self, features, inputs, image_shape2d):
-        max_size = padded_size(cfg.PREPROC.MAX_SIZE,
-                               image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT))
+        max_size = padded_size(cfg.PREPROC.MAX_SIZE, image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT))
         all_anchors = get_all_anchors_fpn(cfg.FPN.ANCHOR_STRIDES, cfg.RPN.ANCHOR_SIZES,
                                           cfg.RPN.ANCHOR_RATIOS, max_size, cfg.RPN.ANCHOR_OFFSET)
         anchors, label_logits, box_logits = [], [], []

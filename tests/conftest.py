@@ -1,16 +1,33 @@
-"""Test setup: the compat shims first, the repo root on sys.path, quiet logs."""
+"""Test setup: the compat shims first, the repo root on sys.path, quiet logs; tests marked
+`slow` run only with `pytest --run-slow`."""
 import os
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import utils.compat  # noqa: E402,F401  (must precede every TensorFlow import)
-
-import pytest  # noqa: E402
-
 from config import config as _cfg  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption('--run-slow', action='store_true', help='also run the tests marked slow')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: minutes-long test, run only with --run-slow')
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption('--run-slow'):
+        return
+    skip = pytest.mark.skip(reason='slow: run with pytest --run-slow')
+    for item in items:
+        if 'slow' in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

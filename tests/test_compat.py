@@ -83,6 +83,47 @@ def test_tensorpack_training_failed_log_line_formats():
     assert 'Logging error' in without.stderr
 
 
+WORKERS_THEN_SIGKILL = textwrap.dedent("""
+    import os, signal, time
+    from tensorpack.dataflow import DataFromList, MultiProcessMapData
+    ds = MultiProcessMapData(DataFromList(list(range(10 ** 6)), shuffle=False), num_proc=2,
+                             map_func=lambda x: time.sleep(0.01) or x, buffer_size=4)
+    ds.reset_state()
+    next(iter(ds))
+    print('WORKERS', *[p.pid for p in ds._procs], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def _alive(pid):
+    try:
+        with open('/proc/{}/stat'.format(pid)) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='prctl is Linux only')
+def test_data_workers_die_with_a_sigkilled_parent():
+    """tensorpack's workers with the shim die with their parent; without it they stay."""
+    import time
+    for use_compat in (True, False):
+        code = ('import utils.compat\n' if use_compat else '') + WORKERS_THEN_SIGKILL
+        # Popen, not _run: surviving workers would hold the output pipe open forever
+        proc = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, text=True,
+                                env=dict(os.environ, PYTHONPATH=ROOT),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        line = next(ln for ln in proc.stdout if ln.startswith('WORKERS'))
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        pids = [int(p) for p in line.split()[1:]]
+        time.sleep(1)
+        alive = [p for p in pids if _alive(p)]
+        for pid in alive:  # this test's own workers (the run without the shim)
+            os.kill(pid, 9)
+        assert len(pids) == 2 and alive == ([] if use_compat else pids), (use_compat, alive)
+
+
 def test_no_removed_numpy_or_scipy_names_in_our_code():
     from utils.compat import REMOVED_NUMPY_ALIASES
     pattern = re.compile(r'(?<![\w.])(' + '|'.join(re.escape(a) for a in REMOVED_NUMPY_ALIASES)

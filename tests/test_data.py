@@ -1,4 +1,4 @@
-"""common.py and data.py: image reading, geometry, masks, anchor targets, dataflows."""
+"""data.py: anchor targets, the training preprocessor, dataflows."""
 import logging
 import math
 import os
@@ -8,16 +8,14 @@ import tracemalloc
 import cv2
 import numpy as np
 import pytest
-from pycocotools import mask as mask_util
 
 import common
 import data
-from common import ImageReadError, read_image
 from config import config as cfg
 from dataset import DatasetRegistry
-from tests.tiny import ListSplit
+from tests.tiny import ListSplit, full_mask
 from utils.anchors import get_all_anchors, padded_size
-from utils.graph_inputs import input_names
+from utils.graph_inputs import fpn_levels, input_names
 from utils.np_box_ops import pairwise_iou
 
 BALLOON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -34,19 +32,13 @@ def tiny_cfg(fresh_cfg):
     return fresh_cfg
 
 
-def _full_mask(polygons, h, w):
-    """Reference full-image rasterisation (test only): uint8 [h, w]."""
-    flat = [np.asarray(p, np.float64).reshape(-1).tolist() for p in polygons]
-    return mask_util.decode(mask_util.merge(mask_util.frPyObjects(flat, h, w)))
-
-
 def _write_scene(path, h=100, w=140):
     """An image with a bright triangle and a bright rectangle on black; returns its roidb."""
     polys = [np.float32([[10, 12], [52, 12], [30, 62]]),
              np.float32([[70, 20], [124, 20], [124, 88], [70, 88]])]
     img = np.zeros((h, w, 3), np.uint8)
     for p in polys:
-        img[_full_mask([p], h, w).astype(bool)] = 255
+        img[full_mask([p], h, w).astype(bool)] = 255
     cv2.imwrite(path, img)
     boxes = np.float32([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()]
                         for p in polys])
@@ -58,103 +50,6 @@ def _write_scene(path, h=100, w=140):
 def _register(name, roidbs):
     DatasetRegistry.register(name, lambda: ListSplit(roidbs))
     return name
-
-
-# ---------------------------------------------------------------------------- read_image
-
-def test_read_image_layouts(tmp_path):
-    rs = np.random.RandomState(0)
-    bgr = rs.randint(0, 256, (6, 5, 3)).astype(np.uint8)
-    gray = rs.randint(0, 256, (6, 5)).astype(np.uint8)
-    bgra = rs.randint(0, 256, (6, 5, 4)).astype(np.uint8)
-    deep = rs.randint(0, 65536, (6, 5, 3)).astype(np.uint16)
-    paths = {}
-    for name, img in [('bgr', bgr), ('gray', gray), ('bgra', bgra), ('deep', deep)]:
-        paths[name] = str(tmp_path / (name + '.png'))
-        assert cv2.imwrite(paths[name], img)
-
-    out = read_image(paths['bgr'], 3, 'BGR')
-    assert out.dtype == np.float32 and out.shape == (6, 5, 3)
-    np.testing.assert_array_equal(out, bgr)
-    np.testing.assert_array_equal(read_image(paths['bgr'], 3, 'RGB'), bgr[:, :, ::-1])
-    np.testing.assert_array_equal(read_image(paths['gray'], 3, 'BGR'),
-                                  np.repeat(gray[:, :, None], 3, 2))
-    np.testing.assert_array_equal(read_image(paths['gray'], 1, 'BGR'), gray[:, :, None])
-    np.testing.assert_allclose(read_image(paths['bgr'], 1, 'BGR')[:, :, 0],
-                               cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), atol=0.5)
-    np.testing.assert_array_equal(read_image(paths['bgra'], 3, 'BGR'), bgra[:, :, :3])
-    rgbd = read_image(paths['bgra'], 4, 'RGB')
-    assert rgbd.shape == (6, 5, 4)
-    np.testing.assert_array_equal(rgbd[:, :, :3], bgra[:, :, 2::-1])
-    np.testing.assert_array_equal(rgbd[:, :, 3], bgra[:, :, 3])
-    out16 = read_image(paths['deep'], 3, 'BGR')
-    np.testing.assert_allclose(out16, deep / 257., rtol=1e-6)
-    assert out16.max() <= 255.
-
-
-def test_read_image_errors(tmp_path):
-    missing = str(tmp_path / 'missing.png')
-    with pytest.raises(ImageReadError, match='missing.png.*no such file'):
-        read_image(missing, 3, 'BGR')
-    corrupt = tmp_path / 'corrupt.png'
-    corrupt.write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
-    with pytest.raises(ImageReadError, match='corrupt.png'):
-        read_image(str(corrupt), 3, 'BGR')
-    three = str(tmp_path / 'three.png')
-    cv2.imwrite(three, np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(ImageReadError, match='three.png.*expects 4'):
-        read_image(three, 4, 'BGR')
-
-
-# ---------------------------------------------------------------------------- geometry
-
-def test_resize_shortest_edge_and_box_scale():
-    img = np.zeros((100, 300, 3), np.float32)
-    out, (sy, sx) = common.resize_shortest_edge(img, 50, 1000)
-    assert out.shape == (50, 150, 3) and (sy, sx) == (0.5, 0.5)
-    out, (sy, sx) = common.resize_shortest_edge(img, 80, 200)  # long edge capped
-    assert out.shape == (67, 200, 3)
-    assert (sy, sx) == (67 / 100, 200 / 300)
-    np.testing.assert_allclose(common.scale_boxes(np.float32([[0, 0, 300, 100]]), sy, sx),
-                               [[0, 0, 200, 67]], rtol=1e-6)
-    gray, _ = common.resize_shortest_edge(np.zeros((10, 20, 1), np.float32), 5, 100)
-    assert gray.shape == (5, 10, 1)
-
-
-def test_flip_boxes_polygons_match_flipped_mask():
-    h, w = 40, 50
-    polys = [np.float32([[3, 4], [30, 4], [20, 33], [3, 20]])]
-    fpolys = common.flip_polygons([polys], w)[0]
-    np.testing.assert_array_equal(_full_mask(fpolys, h, w), _full_mask(polys, h, w)[:, ::-1])
-    box = np.float32([[3, 4, 30, 33]])
-    fbox = common.flip_boxes(box, w)
-    np.testing.assert_array_equal(fbox, [[w - 30, 4, w - 3, 33]])
-    np.testing.assert_array_equal(fbox[0, [0, 2]], [fpolys[0][:, 0].min(), fpolys[0][:, 0].max()])
-
-
-def test_box_frame_mask_matches_cropped_full_mask():
-    # Integer box and M = box size: the box-frame bitmap IS the crop of the full mask.
-    poly = np.float32([[12, 10], [40, 16], [30, 38], [14, 30]])
-    box = np.float32([12, 10, 40, 38])
-    full = _full_mask([poly], 60, 60)
-    exact = common.polygons_to_box_frame_mask([poly], box, 28)
-    assert exact.dtype == np.uint8 and exact.shape == (28, 28)
-    np.testing.assert_array_equal(exact, full[10:38, 12:40])
-    # Fractional box, different resolution: agrees with the full mask sampled at each bitmap
-    # pixel's centre up to boundary pixels.
-    poly = np.float32([[10.3, 7.6], [57.2, 20.1], [33.7, 51.9], [12.8, 40.4]])
-    box = np.float32([10.3, 7.6, 57.2, 51.9])
-    full = _full_mask([poly], 60, 60)
-    m = 20
-    xs = (box[0] + (np.arange(m) + 0.5) * (box[2] - box[0]) / m).astype(int)
-    ys = (box[1] + (np.arange(m) + 0.5) * (box[3] - box[1]) / m).astype(int)
-    sampled = full[ys[:, None], xs[None, :]]
-    mask = common.polygons_to_box_frame_mask([poly], box, m)
-    assert mask.sum() > 0.4 * m * m
-    assert (mask == sampled).mean() > 0.93
-    # No polygon (detection-only data): the whole box; 2-point polygons are ignored.
-    assert common.polygons_to_box_frame_mask([], box, 4).all()
-    assert common.polygons_to_box_frame_mask([np.float32([[0, 0], [5, 5]])], box, 4).all()
 
 
 # ---------------------------------------------------------------------------- anchor labels
@@ -433,3 +328,26 @@ def test_balloon_images(tiny_cfg):
         dp = dict(zip(names, dp))
         _check_datapoint(dp, True, True, len(dp['gt_boxes']))
         assert len(dp['gt_boxes']) >= 1 and dp['gt_masks'].mean() > 0.3  # balloons fill boxes
+
+
+
+def test_crowd_anchors_ignored_only_when_the_option_is_on(tiny_cfg, tmp_path):
+    """RPN.CROWD_OVERLAP_THRESH <= 1: anchors over a crowd region are neither positive nor
+    negative (-1); off (> 1, the default): the same anchors are background (0)."""
+    roidb = _write_scene(str(tmp_path / 'scene.png'))
+    roidb['is_crowd'] = np.int8([1, 0])  # the triangle is a crowd region
+    cfg.PREPROC.HORIZONTAL_FLIP = False
+    cfg.RPN.BATCH_PER_IM = 10 ** 6  # no subsampling: every label is the matching's
+
+    def labels(thresh):
+        cfg.RPN.CROWD_OVERLAP_THRESH = thresh
+        dp = data.TrainingDataPreprocessor(seed=0)(roidb)
+        return np.concatenate([dp['anchor_labels_lvl{}'.format(lv)].ravel()
+                               for lv in fpn_levels(cfg.FPN.ANCHOR_STRIDES)])
+    on, off = labels(0.7), labels(9.99)
+    ignored = (on == -1) & (off != -1)
+    assert ignored.sum() >= 10
+    assert (off[ignored] == 0).all()  # background without the option
+    np.testing.assert_array_equal(on[~ignored], off[~ignored])  # nothing else changes
+    roidb['is_crowd'] = np.int8([0, 0])
+    assert ((labels(0.7) == -1) == (labels(9.99) == -1)).all()  # no crowd: no effect

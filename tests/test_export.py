@@ -82,7 +82,7 @@ def _export_model(name, folder):
         want = [predict_image(img.astype(np.float32), predictor) for img in images]
         want_png = [predict_image(read_image(os.path.join(folder, 'img{}.png'.format(i))),
                                   predictor) for i in range(len(SIZES))]
-        meta = export.serving_metadata()
+        meta = export.serving_metadata(predict.class_category_ids())
         export.export_savedmodel(predictor, os.path.join(folder, 'savedmodel'), meta)
         export.export_frozen_graph(predictor, os.path.join(folder, 'frozen.pb'), meta)
         predictor.sess.close()
@@ -170,6 +170,7 @@ def test_frozen_graph_and_metadata(served):
 def test_category_ids_are_the_training_json_ids(tmp_path):
     """A COCO-format training set: category_ids maps classes 1..C to the json's own ids."""
     import export
+    import predict
     from dataset.coco import register_coco_json
     cats = [{'id': c, 'name': n} for c, n in ((9, 'triangle'), (2, 'circle'), (5, 'square'))]
     path = str(tmp_path / 'train.json')
@@ -177,6 +178,6 @@ def test_category_ids_are_the_training_json_ids(tmp_path):
         json.dump({'images': [], 'annotations': [], 'categories': cats}, f)
     register_coco_json('export_test_coco', path, str(tmp_path))
     with configured(['DATA.TRAIN=export_test_coco'], is_training=False):
-        meta = export.serving_metadata()
+        meta = export.serving_metadata(predict.class_category_ids())
     assert meta['class_names'] == ['BG', 'circle', 'square', 'triangle']
     assert meta['category_ids'] == [2, 5, 9]

@@ -48,7 +48,16 @@ VARIANTS = [  # (overrides, what it covers)
 ]
 
 
-@pytest.mark.parametrize('overrides', [v[0] for v in VARIANTS], ids=[v[1] for v in VARIANTS])
+# The deeper backbones, built and stepped only with `pytest --run-slow` (tests/conftest.py).
+SLOW_VARIANTS = [
+    (['MODE_FPN=True', 'MODE_MASK=True', 'BACKBONE.DEPTH=34'], 'fpn-mask-r34'),
+    (['MODE_FPN=True', 'MODE_MASK=True', 'BACKBONE.DEPTH=101', 'BACKBONE.NORM=FreezeBN'],
+     'fpn-mask-r101'),
+]
+
+
+@pytest.mark.parametrize('overrides', [pytest.param(o, id=i) for o, i in VARIANTS] +
+                         [pytest.param(o, id=i, marks=pytest.mark.slow) for o, i in SLOW_VARIANTS])
 def test_variant_trains_one_step_without_nan(overrides):
     with configured(overrides):
         dp = _datapoint()

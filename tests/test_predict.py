@@ -187,9 +187,10 @@ def test_bad_load_path_is_one_clear_line(tmp_path):
     missing = str(tmp_path / 'no_such_checkpoint')
     p = run_script(['predict.py', '--load', missing, '--config'] + TINY +
                    ['--predict', str(tmp_path)])
-    assert p.returncode == 2
+    assert p.returncode == 1
     assert 'Traceback' not in p.stderr
-    assert missing in p.stderr.strip().splitlines()[-1]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith('Error: ') and missing in last
 
 
 def test_expand_inputs_files_folders_globs_and_home(tmp_path, monkeypatch):
@@ -203,3 +204,27 @@ def test_expand_inputs_files_folders_globs_and_home(tmp_path, monkeypatch):
         [folder, '~/imgs/*.png', os.path.join(folder, 'a.jpg'), '~/nope.png', str(tmp_path)])
     assert paths == [os.path.join(folder, 'a.jpg'), os.path.join(folder, 'b.png')]  # no repeats
     assert missing == [('~/nope.png', 'no such file'), (str(tmp_path), 'folder without images')]
+
+
+def test_json_detections_carry_original_and_contiguous_ids(tmp_path):
+    """--json: category_id is the dataset's own id (here 0, 5, 17), class_id 1..C."""
+    import predict
+    from dataset import register_builtin_datasets
+    from eval import DetectionResult
+    cats = [{'id': 17, 'name': 'triangle'}, {'id': 0, 'name': 'circle'},
+            {'id': 5, 'name': 'square'}]
+    anns = [{'id': i + 1, 'image_id': 1, 'category_id': c['id'], 'iscrowd': 0,
+             'bbox': [10 * i, 5, 8, 8], 'area': 64} for i, c in enumerate(cats)]
+    path = str(tmp_path / 'train.json')
+    with open(path, 'w') as f:
+        json.dump({'images': [{'id': 1, 'file_name': 'a.png', 'height': 40, 'width': 40}],
+                   'annotations': anns, 'categories': cats}, f)
+    splits = [['zz_ids_train', path, str(tmp_path)]]
+    register_builtin_datasets(str(tmp_path), splits, ['zz_ids_train'])
+    results = [DetectionResult(np.float32([1, 2, 3, 4]), 0.9, c, None) for c in (3, 1, 2)]
+    with configured(['DATA.TRAIN=zz_ids_train', 'DATA.VAL=zz_ids_train',
+                     'DATA.COCO_JSON_SPLITS={!r}'.format(splits)], is_training=False):
+        record = predict.detections_json('a.png', np.zeros((40, 40, 3)), results)
+    got = [(d['category_id'], d['class_id'], d['class_name']) for d in record['detections']]
+    assert got == [(17, 3, 'triangle'), (0, 1, 'circle'), (5, 2, 'square')]
+    assert json.loads(json.dumps(record)) == record  # plain JSON types

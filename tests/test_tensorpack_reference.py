@@ -46,12 +46,6 @@ def _fixture_module(name):
     return module
 
 
-@pytest.fixture
-def default_cfg(fresh_cfg):
-    """The config at its defaults (as imported), unfrozen; restored afterwards."""
-    yield fresh_cfg
-
-
 def _configure(variant):
     """The variant's project_overrides on the current config, finalised for CPU inference.
     Returns the variant's config.yaml as a dict."""
@@ -168,7 +162,7 @@ def _predictor(variant, vc, feature_keys, built, monkeypatch):
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
-def test_same_outputs_as_tensorpack(variant, default_cfg, built, monkeypatch):
+def test_same_outputs_as_tensorpack(variant, fresh_cfg, built, monkeypatch):
     """Default config + the variant's keys reproduce tensorpack's outputs: features,
     proposals (>= 99% of the top 1000 within 0.01 px), detections (all, boxes <= 0.02 px,
     scores <= 1e-4), masks (<= 5e-3) -- the fixture README's tolerances."""
@@ -196,7 +190,7 @@ def _resize_info():
         return json.load(f)
 
 
-def test_uint8_resize_reproduces_tensorpack_input(default_cfg):
+def test_uint8_resize_reproduces_tensorpack_input(fresh_cfg):
     """PREPROC.RESIZE_UINT8=True gives exactly the image tensorpack fed its model; the
     default float resize differs from it by less than one grey level."""
     info = _resize_info()
@@ -214,7 +208,7 @@ def test_uint8_resize_reproduces_tensorpack_input(default_cfg):
 
 
 @pytest.mark.parametrize('isotropic', [False, True])
-def test_scale_back_per_axis_or_isotropic(default_cfg, isotropic):
+def test_scale_back_per_axis_or_isotropic(fresh_cfg, isotropic):
     """Boxes back to the original 300x400 image: per axis by default, tensorpack's
     isotropic sqrt(sy * sx) with TEST.ISOTROPIC_SCALE_BACK=True."""
     import eval as ev
@@ -237,7 +231,7 @@ def test_scale_back_per_axis_or_isotropic(default_cfg, isotropic):
 
 
 # ------------------------------------------------------------------ old runs
-def test_old_run_config_keeps_its_layout(default_cfg, tmp_path):
+def test_old_run_config_keeps_its_layout(fresh_cfg, tmp_path):
     """A run's config.yaml saved before RPN.ANCHOR_OFFSET (and the other keys whose default
     changed) existed gets the old values; a current one, or a partial user file, does not."""
     old = tmp_path / 'old.yaml'
@@ -253,7 +247,7 @@ def test_old_run_config_keeps_its_layout(default_cfg, tmp_path):
     assert cfg.RPN.ANCHOR_OFFSET == 0. and not cfg.BACKBONE.C4_PAD_INPUT  # the defaults
 
 
-def test_predict_uses_old_layout_of_old_run(default_cfg, tmp_path, monkeypatch):
+def test_predict_uses_old_layout_of_old_run(fresh_cfg, tmp_path, monkeypatch):
     """predict.py on an old run's folder: the run's config.yaml without RPN.ANCHOR_OFFSET
     gives the old 0.5 layout; --config still overrides it."""
     import predict
@@ -278,7 +272,7 @@ def test_predict_uses_old_layout_of_old_run(default_cfg, tmp_path, monkeypatch):
     assert seen['offset'] == 0.25
 
 
-def test_tensorpack_zoo_config_sets_tensorpack_conventions(default_cfg):
+def test_tensorpack_zoo_config_sets_tensorpack_conventions(fresh_cfg):
     """configs/tensorpack_zoo.yaml: every convention key at tensorpack's behaviour, and
     the fixture's resize through predict_image's path is tensorpack's input exactly."""
     import eval as ev
@@ -297,7 +291,7 @@ def test_tensorpack_zoo_config_sets_tensorpack_conventions(default_cfg):
     np.testing.assert_array_equal(seen[0], np.load(os.path.join(FIXTURE, 'image_resized.npy')))
 
 
-def test_resume_of_old_run_keeps_its_layout(default_cfg, tmp_path):
+def test_resume_of_old_run_keeps_its_layout(fresh_cfg, tmp_path):
     """train.py resuming a log directory whose config.yaml predates RPN.ANCHOR_OFFSET: the
     user's config file (without the key) does not switch the run to the new layout."""
     import argparse

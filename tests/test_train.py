@@ -17,8 +17,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 
 import cv2
 import numpy as np
@@ -179,6 +182,64 @@ def test_nan_guard_stops_and_keeps_the_checkpoints(first_run, tmp_path):
     assert not [n for n in after if n.startswith('model-') and n not in before]
 
 
+def processes_with(marker):
+    """Pids of the live (not zombie) processes whose environment holds ``marker``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open('/proc/{}/environ'.format(pid), 'rb') as f:
+                env = f.read()
+            with open('/proc/{}/stat'.format(pid)) as f:
+                state = f.read().rsplit(')', 1)[1].split()[0]
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if marker.encode() in env and state != 'Z':  # a zombie holds no memory
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='needs /proc')
+def test_sigkill_leaves_no_worker_behind_and_resume_continues(tmp_path):
+    """SIGKILL (the OOM killer's signal) the trainer: its data workers die too; the run
+    then resumes at the last checkpoint's global step and learning rate."""
+    logdir = str(tmp_path / 'log')
+    marker = 'RCNN_TEST_RUN={}'.format(uuid.uuid4().hex)
+    decays = (5, 15)  # LR 0.01 -> 0.001 at step 5 -> 0.0001 at 15
+    config = COMMON + ['TRAIN.LR_SCHEDULE=({},{},1000)'.format(*decays), 'DATA.NUM_WORKERS=2']
+    proc = subprocess.Popen(
+        [sys.executable, 'train.py', '--logdir', logdir, '--config'] + config, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, RCNN_TEST_RUN=marker.split('=')[1]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def checkpoint():
+            return os.path.isdir(logdir) and tf.train.latest_checkpoint(logdir)
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline and not checkpoint():
+            time.sleep(0.5)
+        assert proc.poll() is None and checkpoint(), 'no checkpoint before the kill'
+        workers = [pid for pid in processes_with(marker) if pid != proc.pid]
+        assert len(workers) >= 2, workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while processes_with(marker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert processes_with(marker) == []
+    finally:
+        for pid in processes_with(marker):  # this test's own processes, if any survived
+            os.kill(pid, signal.SIGKILL)
+    step = int(tf.train.latest_checkpoint(logdir).rsplit('-', 1)[1])
+    assert step % 10 == 0 and step >= 10
+    p = run_train(logdir, COMMON + ['TRAIN.LR_SCHEDULE=({},{},{})'.format(*decays, step + 10)])
+    assert p.returncode == 0, fail_info(p)
+    assert 'Resuming from {} (global step {})'.format(
+        os.path.join(logdir, 'model-{}'.format(step)), step) in p.stdout
+    lr = BASE_LR * 0.1 ** sum(step >= d for d in decays)
+    assert '[HyperParamSetter] At global_step={}, learning_rate is set to {:.6f}'.format(
+        step, lr) in p.stdout
+    assert read_stats(logdir)[-1]['global_step'] == step + 10
+
+
 def write_coco_split(basedir, num_images=4):
     """``coco_train2017`` under ``basedir``: shapes images, one category (not shapes' 3)."""
     from dataset.shapes import generate_image
@@ -264,6 +325,7 @@ def test_two_horovod_workers_stay_in_sync(tmp_path):
 
 
 BAD_COMMAND_LINES = {
+    'unknown key': ([], ['NOPE.KEY=1'], r'Unknown config key "NOPE.KEY"'),
     'missing --load': (['--load', '/nonexistent/weights.npz'], [],
                        r'--load: weights file "/nonexistent/weights.npz" does not exist'),
     'unknown dataset': ([], ['DATA.TRAIN=nope'],

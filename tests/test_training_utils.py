@@ -211,3 +211,70 @@ def test_write_config_keeps_a_different_previous_config(tmp_path):
     assert second != backup and os.path.isfile(backup) and os.path.isfile(second)
     assert sorted(os.listdir(logdir)) == sorted(
         ['config.yaml', os.path.basename(backup), os.path.basename(second)])
+
+
+@pytest.mark.parametrize('trainer, gpus, rank, size, want', [
+    ('replicated', 0, 0, 1, ('simple', 1, None)),        # CPU
+    ('replicated', 1, 0, 1, ('simple', 1, None)),        # one GPU
+    ('replicated', 4, 0, 1, ('replicated', 4, None)),    # 4 towers in one process: all data
+    ('horovod', 1, 2, 4, ('horovod', 4, (2, 4))),        # rank 2 of 4 reads its shard
+    ('horovod', 0, 0, 1, ('horovod', 1, None)),          # a single rank reads everything
+])
+def test_plan_devices_trainer_and_shard(trainer, gpus, rank, size, want):
+    from utils.training import plan_devices
+    assert tuple(plan_devices(trainer, gpus, rank, size)) == want
+
+
+def test_planned_shards_cover_the_data_once():
+    """Horovod ranks read disjoint shards that cover the training set; a replicated
+    process (any GPU count) reads all of it."""
+    from data import get_train_dataflow
+    from tiny import configured
+    from utils.training import plan_devices
+
+    def images(shard):
+        ds = get_train_dataflow(shard=shard)
+        while not hasattr(ds, 'lst'):  # MapData(...(DataFromList)): the roidb list
+            ds = ds.ds
+        return [r['image_id'] for r in ds.lst]
+    with configured():
+        everything = images(plan_devices('replicated', 8).shard)
+        ranks = [images(plan_devices('horovod', 1, r, 3).shard) for r in range(3)]
+    assert len(everything) == 40
+    assert sorted(sum(ranks, [])) == sorted(everything)
+    assert all(12 <= len(r) <= 14 for r in ranks)
+
+
+def test_gradient_accumulation_updates_once_by_the_mean_gradient():
+    """TRAIN.GRADIENT_ACCUMULATION=2 through the model's own optimizer(): the first step
+    leaves the weights alone, the second applies the mean of both gradients, exactly what
+    one k=1 step on the averaged gradient does (w -= lr * mean g, momentum's first step)."""
+    from modeling.generalized_rcnn import GeneralizedRCNN
+    from tiny import configured
+    w0, lr = np.float32([1., -2., .5]), 0.1
+    x1, x2 = np.float32([3., 1., -1.]), np.float32([-1., 0., 2.])
+
+    def weights_after(accum, batches):
+        with configured(['TRAIN.GRADIENT_ACCUMULATION={}'.format(accum)]), \
+                tf.Graph().as_default():
+            x = tf.placeholder(tf.float32, [3])
+            w = tf.get_variable('w', initializer=w0)
+            loss = 0.5 * tf.reduce_sum(tf.square(w - x))  # gradient w - x
+            opt = GeneralizedRCNN().optimizer()
+            train_op = opt.minimize(loss, global_step=tf.train.get_or_create_global_step())
+            with tf.Session() as sess:
+                sess.run(tf.global_variables_initializer())
+                tf.get_variable_scope().reuse_variables()
+                sess.run(tf.get_variable('learning_rate').assign(lr))
+                out = []
+                for batch in batches:
+                    sess.run(train_op, {x: batch})
+                    out.append(sess.run(w))
+        return out
+
+    first, second, third = weights_after(2, [x1, x2, x1])
+    np.testing.assert_array_equal(first, w0)                      # accumulated only
+    want = w0 - lr * ((w0 - x1) + (w0 - x2)) / 2
+    np.testing.assert_allclose(second, want, rtol=1e-6)           # one update, mean gradient
+    np.testing.assert_array_equal(third, second)                  # accumulating again
+    np.testing.assert_allclose(weights_after(1, [(x1 + x2) / 2])[0], second, rtol=1e-6)

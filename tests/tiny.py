@@ -1,12 +1,15 @@
 """Test helpers: a tiny model configuration for fast CPU tests, a context manager to apply
-it, a dataset split over given roidbs, and a fresh process with plain TensorFlow only."""
+it, a dataset split over given roidbs, a reference polygon rasteriser, and a fresh process
+with plain TensorFlow only."""
 import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import yaml
+from pycocotools import mask as mask_util
 
 from config import config as cfg, finalize_configs
 from dataset import DatasetRegistry, DatasetSplit, register_shapes
@@ -64,6 +67,12 @@ class ListSplit(DatasetSplit):
 
     def inference_roidbs(self):
         return [{'file_name': r['file_name'], 'image_id': r['image_id']} for r in self._roidbs]
+
+
+def full_mask(polygons, h, w):
+    """Reference full-image rasterisation of polygons ([K, 2] each): uint8 [h, w]."""
+    flat = [np.asarray(p, np.float64).reshape(-1).tolist() for p in polygons]
+    return mask_util.decode(mask_util.merge(mask_util.frPyObjects(flat, h, w)))
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

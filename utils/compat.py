@@ -5,6 +5,7 @@ Import this module before anything imports TensorFlow: every entry point and
 Each shim says what it fixes and how to tell when it can be deleted.
 """
 import os
+import sys
 
 # Shim 1 -- Keras 2 for tf.layers.
 # tensorpack's layers (Conv2D, FullyConnected, BatchNorm, ...) wrap `tf.compat.v1.layers`,
@@ -64,8 +65,40 @@ def _patch_tensorpack_logger_error():
     logger.error = error
 
 
+def die_with_parent(_warn=True):
+    """Shim 5 -- data workers die with their parent, whatever way it dies (SIGKILL too).
+
+    tensorpack 0.11's worker processes call `enable_death_signal` right after fork, which
+    needs the `python-prctl` package and, without it, only logs a warning: a trainer killed
+    by SIGKILL (the OOM killer's signal) left its workers running, re-parented to init.
+    This replacement calls prctl(PR_SET_PDEATHSIG, SIGKILL) through libc, then exits if the
+    parent already died between fork and prctl (nobody would send the signal then).
+    Remove when tensorpack's `enable_death_signal` works without python-prctl.
+    """
+    if not sys.platform.startswith('linux'):
+        return
+    import ctypes
+    import multiprocessing
+    import signal
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL),
+                                               0, 0, 0) != 0:
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
+
+
+def _patch_tensorpack_death_signal():
+    """Install `die_with_parent` wherever tensorpack's workers look `enable_death_signal` up."""
+    from tensorpack.dataflow import parallel, parallel_map
+    from tensorpack.utils import concurrency
+    for module in (concurrency, parallel, parallel_map):
+        module.enable_death_signal = die_with_parent
+
+
 def frozen_variable_getter(getter, *args, **kwargs):
-    """Shim 5 -- frozen weights stay in MODEL_VARIABLES (a ``custom_getter``).
+    """Shim 6 -- frozen weights stay in MODEL_VARIABLES (a ``custom_getter``).
 
     Creates/gets a variable outside TRAINABLE_VARIABLES but keeps a would-be-trainable one
     in MODEL_VARIABLES, where tensorpack's savers and exporters look for weights.
@@ -85,7 +118,7 @@ def frozen_variable_getter(getter, *args, **kwargs):
 
 
 def disable_cpu_memory_optimizer(rewrite_options):
-    """Shim 6 -- no grappler memory optimizer on CPU-only sessions.
+    """Shim 7 -- no grappler memory optimizer on CPU-only sessions.
 
     It only swaps tensors to host memory on GPUs, so on a CPU it gains nothing
     (BENCHMARKS.md), while its cost model logs a screenful of "Error in PredictCost() for
@@ -98,7 +131,7 @@ def disable_cpu_memory_optimizer(rewrite_options):
 
 
 def freeze_graph_def(sess, graph_def, output_names):
-    """Shim 7 -- a frozen GraphDef without tensorpack's ``export_compact``.
+    """Shim 8 -- a frozen GraphDef without tensorpack's ``export_compact``.
 
     tensorpack 0.11's ``ModelExporter.export_compact`` calls
     ``convert_variables_to_constants`` from ``tensorflow.python.framework.graph_util``,
@@ -130,6 +163,7 @@ def apply():
     import tensorflow as tf
     _patch_tf_global_variables(tf)
     _patch_tensorpack_logger_error()
+    _patch_tensorpack_death_signal()
     return tf
 
 

@@ -10,7 +10,7 @@ __all__ = ['image_pad_multiple', 'fpn_levels', 'input_names']
 
 def image_pad_multiple(mode_fpn, c4_pad_input):
     """The graph pads H and W up to a multiple of this: 32 (FPN); C4: 16 with
-    ``c4_pad_input`` (cfg.BACKBONE.C4_PAD_INPUT), else 1 (no padding, as tensorpack)."""
+    ``c4_pad_input`` (BACKBONE.C4_PAD_INPUT), else 1 (no padding, as tensorpack)."""
     if mode_fpn:
         return 32
     return 16 if c4_pad_input else 1

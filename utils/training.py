@@ -5,6 +5,7 @@ Nothing here builds the model; train.py wires these into one tensorpack trainer.
 """
 import utils.compat  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
+import collections
 import filecmp
 import glob
 import logging
@@ -38,6 +39,31 @@ class TrainingDiverged(StopTraining):
     A `StopTraining`, so tensorpack ends the loop cleanly (after_train runs, nothing more is
     saved); `NonFiniteGuard.raise_if_diverged` re-raises it once training has returned.
     """
+
+
+class DevicePlan(collections.namedtuple('DevicePlan', 'trainer num_devices shard')):
+    """How a training run uses its devices: ``trainer`` 'simple', 'replicated' or 'horovod';
+    ``num_devices`` images per iteration; ``shard`` (rank, size) of the training data this
+    process reads, or None for all of it."""
+
+
+def plan_devices(trainer, num_gpus, rank=0, size=1):
+    """The trainer that runs and the data shard it reads (pure: no TensorFlow, no devices).
+
+    Only Horovod shards: its ranks are separate processes, each with its own dataflow.
+    A replicated trainer is ONE process whose towers each dequeue their own datapoints
+    from one shared input queue, so that process must read every image.
+
+    Args:
+        trainer (str): cfg.TRAINER, 'replicated' or 'horovod'.
+        num_gpus (int): GPUs visible to this process (0 on CPU).
+        rank, size (int): this Horovod rank and the number of ranks (horovod only).
+    """
+    if trainer == 'horovod':
+        return DevicePlan('horovod', size, (rank, size) if size > 1 else None)
+    if num_gpus > 1:
+        return DevicePlan('replicated', num_gpus, None)
+    return DevicePlan('simple', 1, None)
 
 
 class ScaledSchedule:
