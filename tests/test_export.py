@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tiny import configured, run_plain_tensorflow
+from tiny import assert_masks_match, configured, run_plain_tensorflow
 
 # name -> config overrides of the exported model
 MODELS = {
@@ -45,14 +45,8 @@ PLAIN_TF = """
                     run(model.signatures['encoded_image'], encoded=tf.constant(pngs)).items()})
         names = model.signatures['class_names']()['class_names'].numpy()
         out['names'] = np.array([n.decode() for n in names])
-        graph_def = tf.compat.v1.GraphDef()
-        with open(os.path.join(d, 'frozen.pb'), 'rb') as f:
-            graph_def.ParseFromString(f.read())
-        with tf.Graph().as_default() as g:
-            tf.compat.v1.import_graph_def(graph_def, name='')
-            with tf.compat.v1.Session(graph=g) as sess:
-                frozen = sess.run(['boxes:0', 'masks:0'], {'images:0': images[2][None]})
-        out['frozen_boxes'], out['frozen_masks'] = frozen
+        out['frozen_boxes'], out['frozen_masks'] = run_frozen(
+            os.path.join(d, 'frozen.pb'), ['boxes:0', 'masks:0'], {'images:0': images[2][None]})
         np.savez(os.path.join(d, 'plain.npz'), **out)
 """
 
@@ -107,7 +101,7 @@ def served(tmp_path_factory):
 def assert_same(got, prefix, index, want, shape):
     """Outputs ``prefix*`` (batch row ``index``) equal the in-project detections: same
     count, classes and order, boxes within 0.5 px, scores within 1e-3, each mask IoU
-    >= 0.99 and zero beyond the image (``shape``: its H, W)."""
+    >= 0.99 (`assert_masks_match`) and zero beyond the image (``shape``: its H, W)."""
     n = int(got[prefix + 'num_detections'][index])
     assert n == len(want) > 0, (n, len(want))
     k = got[prefix + 'boxes'].shape[1]
@@ -119,10 +113,7 @@ def assert_same(got, prefix, index, want, shape):
     masks = got[prefix + 'masks'][index]
     h, w = shape
     assert not masks[:, h:].any() and not masks[:, :, w:].any()
-    for m, r in zip(masks[:n, :h, :w], want):
-        union = np.logical_or(m, r.mask).sum()
-        iou = np.logical_and(m, r.mask).sum() / union if union else 1.
-        assert iou >= 0.99, iou
+    assert_masks_match(masks[:n, :h, :w], [r.mask for r in want])
 
 
 @pytest.mark.parametrize('name', list(MODELS))

@@ -80,6 +80,18 @@ _PLAIN_PROLOGUE = """
 import os, sys
 # The project's own tree must not be importable (its virtualenv may live inside it).
 assert os.path.abspath(ROOT) not in [os.path.abspath(p or '.') for p in sys.path], sys.path
+
+
+def run_frozen(path, fetches, feeds):
+    \"\"\"Run a frozen GraphDef file: session.run(fetches, feeds) by tensor names.\"\"\"
+    import tensorflow as tf
+    graph_def = tf.compat.v1.GraphDef()
+    with open(path, 'rb') as f:
+        graph_def.ParseFromString(f.read())
+    with tf.Graph().as_default() as g:
+        tf.compat.v1.import_graph_def(graph_def, name='')
+        with tf.compat.v1.Session(graph=g) as sess:
+            return sess.run(fetches, feeds)
 """
 _PLAIN_EPILOGUE = """
 own = [m.__name__ for m in list(sys.modules.values())
@@ -91,7 +103,8 @@ assert not own, own
 
 def run_plain_tensorflow(body, workdir, **names):
     """Run the Python source ``body`` as a user without this project would: a fresh process,
-    no PYTHONPATH, in ``workdir``; each of ``names`` (and ROOT) is a global of the script.
+    no PYTHONPATH, in ``workdir``; each of ``names`` (and ROOT) is a global of the script,
+    and so is ``run_frozen(path, fetches, feeds)`` (a frozen GraphDef file, run).
     It fails if the project is on sys.path or any project module got imported.
 
     Returns:
@@ -103,3 +116,15 @@ def run_plain_tensorflow(body, workdir, **names):
     code = header + _PLAIN_PROLOGUE + textwrap.dedent(body) + _PLAIN_EPILOGUE
     return subprocess.run([sys.executable, '-c', code], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def assert_masks_match(got, want):
+    """Each pair of 0/1 masks has IoU >= 0.99, give or take one pixel: an untrained mask
+    head's probabilities sit near the 0.5 threshold, where float rounding may flip a pixel
+    (a 50-pixel mask would otherwise fail on one)."""
+    assert len(got) == len(want), (len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = np.asarray(g, bool), np.asarray(w, bool)
+        union, differ = (g | w).sum(), (g != w).sum()
+        assert differ <= 0.01 * union + 1, 'mask {}: {} of {} pixels differ'.format(
+            i, differ, union)
