@@ -77,7 +77,7 @@ def inner_graph_def(predictor, output_names=None):
         predictor: predict.py's predictor, whose outputs start with ``output/boxes``,
             ``output/scores``, ``output/labels`` (and ``output/masks``).
         output_names (list of str or None): the outputs kept; default the predictor's.
-    Not tensorpack's ``export_compact``, which fails on TF 2.18 (utils/compat.py, shim 8).
+    Not tensorpack's ``export_compact``, which fails on TF 2.18 (utils/compat.py, shim 9).
     """
     if output_names is None:
         output_names = [t.op.name for t in predictor.output_tensors]
