@@ -7,6 +7,12 @@
     python predict.py --load model.npz --benchmark 50
     python predict.py --load train_log/maskrcnn --visualize 10
     python predict.py --load train_log/maskrcnn --export-savedmodel export/ --export-pb model.pb
+    python predict.py --load train_log/maskrcnn --precision auto --benchmark 20
+
+--export-savedmodel / --export-pb write the model end to end (original images in,
+detections in their pixels out, masks pasted): plain TensorFlow can serve them (export.py,
+README "Serving"). --precision sets TRAIN.PRECISION for this run ('auto': bf16 where the CPU
+has AMX or AVX512-BF16 units, else fp32; exports are float32 graphs either way).
 
 --load takes a checkpoint directory (its latest checkpoint), a checkpoint prefix or an .npz.
 The config is the training run's own (the config.yaml that train.py wrote next to the
@@ -53,6 +59,9 @@ def parse_args(argv=None):
                    help='panels of ground truth | proposals | predictions for N training images')
     p.add_argument('--export-savedmodel', metavar='DIR', help='write a SavedModel to DIR')
     p.add_argument('--export-pb', metavar='FILE', help='write a frozen GraphDef to FILE')
+    p.add_argument('--precision', choices=('fp32', 'bf16', 'fp16', 'auto'),
+                   help='sets TRAIN.PRECISION for prediction (default: the config\'s); auto: '
+                        'bf16 on CPUs with AMX / AVX512-BF16, else fp32')
     args = p.parse_args(argv)
     if not any([args.predict, args.evaluate, args.benchmark, args.visualize,
                 args.export_savedmodel, args.export_pb]):
@@ -310,6 +319,11 @@ def main(args):
         args.config_file = run_config
         if args.config_file:
             print('predict.py: using the training config {}'.format(args.config_file))
+    if args.precision:
+        from utils.precision import auto_precision
+        chosen = auto_precision() if args.precision == 'auto' else args.precision
+        print('predict.py: precision {} (--precision {})'.format(chosen, args.precision))
+        args.config = list(args.config) + ['TRAIN.PRECISION=' + chosen]
     try:
         setup_config(args, is_training=False, run_config=run_config)
         weights = WeightsLoader(args.load)  # reads the file now: a bad path fails here
@@ -336,12 +350,13 @@ def run(args, weights):
                 args.export_pb]):
         return 0
     predictor = build_predictor(weights)
-    if args.export_savedmodel:
-        from export import export_savedmodel
-        export_savedmodel(predictor, args.export_savedmodel)
-    if args.export_pb:
-        from export import export_frozen_graph
-        export_frozen_graph(predictor, args.export_pb)
+    if args.export_savedmodel or args.export_pb:
+        import export
+        meta = export.serving_metadata(class_category_ids())
+        if args.export_savedmodel:
+            export.export_savedmodel(predictor, args.export_savedmodel, meta)
+        if args.export_pb:
+            export.export_frozen_graph(predictor, args.export_pb, meta)
     if args.evaluate:
         run_evaluate(args, predictor, weights)
     if args.benchmark:

@@ -178,3 +178,31 @@ def test_bf16_inference_runs_and_stays_close_to_fp32():
     assert res['finite'], res
     assert res['dtypes'][2:] == ['float32', 'float32', 'int32', 'float32'], res  # API kept
     assert max(res['rpn_rel_err']) < 0.02, res
+
+
+@pytest.mark.parametrize('flags,want', [('fpu sse avx2 fma', 'fp32'),
+                                        ('avx2 avx512f avx512_bf16', 'bf16'),
+                                        ('avx2 amx_tile amx_bf16', 'bf16')])
+def test_auto_precision_from_cpu_flags(tmp_path, flags, want):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nflags\t\t: {}\n'.format(flags))
+    assert precision.auto_precision(str(cpuinfo)) == want
+    assert precision.cpu_bf16_flags(str(cpuinfo)) == sorted(
+        set(flags.split()) & {'amx_bf16', 'avx512_bf16'})
+    assert precision.cpu_bf16_flags(str(tmp_path / 'missing')) == []
+
+
+def test_predict_precision_flag_sets_the_session_precision(fresh_cfg, monkeypatch, tmp_path):
+    """predict.py --precision: TRAIN.PRECISION for the run; auto follows the CPU flags."""
+    import predict
+    seen = []
+    monkeypatch.setattr(predict, 'run', lambda args, weights: seen.append(
+        cfg.TRAIN.PRECISION) or 0)
+    monkeypatch.setattr('utils.training.WeightsLoader.__init__', lambda self, path: None)
+    monkeypatch.setattr(precision, 'cpu_bf16_flags', lambda *a: ['amx_bf16'])
+    base = ['--load', str(tmp_path), '--predict', 'x.png', '--config', 'DATA.TRAIN=shapes_train',
+            'DATA.VAL=shapes_val']
+    for flag, want in (('bf16', 'bf16'), ('auto', 'bf16'), ('fp32', 'fp32')):
+        cfg.freeze(False)  # predict.py's config is fresh in a new process
+        assert predict.main(predict.parse_args(base + ['--precision', flag])) == 0
+        assert seen[-1] == want

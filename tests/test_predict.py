@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import cv2
 import numpy as np
 import pytest
 
-from tiny import TINY, configured
+from tiny import TINY, assert_masks_match, configured, run_plain_tensorflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
@@ -132,55 +131,49 @@ def test_predict_evaluate_benchmark_visualize(predict_run):
     assert h >= 192 and (w - 8) % 3 == 0  # a shapes image, three times, 2 gaps of 4 px
 
 
-PLAIN_TF = textwrap.dedent("""
-    import os, sys
+PLAIN_TF = """
     import numpy as np
-    # The project's own tree must not be importable (its virtualenv may live inside it).
-    assert os.path.abspath(ROOT) not in [os.path.abspath(p or '.') for p in sys.path], sys.path
     import tensorflow as tf
     img = np.load(os.path.join(TMP, 'image.npy'))
     model = tf.saved_model.load(os.path.join(TMP, 'savedmodel'))
-    out = model.signatures['serving_default'](image=tf.constant(img))
+    out = model.signatures['serving_default'](images=tf.constant(img[None]))
     saved = {k: v.numpy() for k, v in out.items()}
-    graph_def = tf.compat.v1.GraphDef()
-    with open(os.path.join(TMP, 'frozen.pb'), 'rb') as f:
-        graph_def.ParseFromString(f.read())
-    with tf.Graph().as_default() as g:
-        tf.compat.v1.import_graph_def(graph_def, name='')
-        with tf.compat.v1.Session(graph=g) as sess:
-            names = ['boxes', 'scores', 'labels', 'masks']
-            frozen = sess.run(['output/{}:0'.format(n) for n in names], {'image:0': img})
-    own = [m.__name__ for m in list(sys.modules.values())
-           if os.path.abspath(getattr(m, '__file__', None) or '/').startswith(ROOT + os.sep)
-           and 'site-packages' not in m.__file__]
-    assert not own, own
+    names = ['num_detections', 'boxes', 'category_ids', 'masks']
+    frozen = run_frozen(os.path.join(TMP, 'frozen.pb'), [n + ':0' for n in names],
+                        {'images:0': img[None]})
     np.savez(os.path.join(TMP, 'plain.npz'), **{'saved_' + k: v for k, v in saved.items()},
              **{'frozen_' + n: v for n, v in zip(names, frozen)})
-""")
+"""
 
 
 def test_exports_match_in_project_predictor(predict_run, checkpoint):
+    """predict.py's exports (end to end: original image in, detections in its pixels out)
+    served by plain TensorFlow = the trained checkpoint through eval.predict_image."""
     p, tmp, colour = predict_run
     assert p.returncode == 0, p.stderr[-3000:]
-    img = cv2.resize(colour, (160, 128)).astype(np.float32)  # an already resized input
-    np.save(os.path.join(tmp, 'image.npy'), img)
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    env['TF_USE_LEGACY_KERAS'] = '1'
-    code = 'ROOT = {!r}\nTMP = {!r}\n'.format(ROOT, tmp) + PLAIN_TF
-    plain = subprocess.run([sys.executable, '-c', code], cwd=tmp, env=env, capture_output=True,
-                           text=True, timeout=300)
+    np.save(os.path.join(tmp, 'image.npy'), colour)  # BGR uint8, the original size
+    plain = run_plain_tensorflow(PLAIN_TF, tmp, TMP=tmp)
     assert plain.returncode == 0, plain.stderr[-3000:]
     got = np.load(os.path.join(tmp, 'plain.npz'))
 
     import predict
+    from eval import predict_image
     from utils.training import WeightsLoader
     with configured(TRAIN_CONFIG, is_training=False):
-        want = predict.build_predictor(WeightsLoader(checkpoint))(img)
-    assert len(want[0]) > 0, 'the tiny model detects nothing: the comparison would be empty'
-    for name, value in zip(['boxes', 'scores', 'labels', 'masks'], want):
-        for kind in ('saved', 'frozen'):
-            np.testing.assert_allclose(got['{}_{}'.format(kind, name)], value, rtol=1e-4,
-                                       atol=1e-4, err_msg='{} {}'.format(kind, name))
+        want = predict_image(colour.astype(np.float32),
+                             predict.build_predictor(WeightsLoader(checkpoint)))
+    assert len(want) > 0, 'the tiny model detects nothing: the comparison would be empty'
+    n = int(got['saved_num_detections'][0])
+    assert n == int(got['frozen_num_detections'][0]) == len(want)
+    for kind in ('saved', 'frozen'):
+        np.testing.assert_allclose(got[kind + '_boxes'][0, :n], [r.box for r in want], atol=0.5)
+        masks = got[kind + '_masks'][0, :n]
+        assert masks.shape[1:] == colour.shape[:2]
+        assert_masks_match(masks, [r.mask for r in want])
+        # shapes_train (DATA.TRAIN) has no ids of its own: class ids
+        np.testing.assert_array_equal(got[kind + '_category_ids'][0, :n],
+                                      [r.class_id for r in want])
+    np.testing.assert_allclose(got['saved_scores'][0, :n], [r.score for r in want], atol=1e-3)
 
 
 def test_bad_load_path_is_one_clear_line(tmp_path):

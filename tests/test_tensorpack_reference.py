@@ -7,7 +7,7 @@ its ``project_overrides`` on the DEFAULT config (the defaults are tensorpack's l
 fed the fixture's resized image, and compared with the fixture's own comparator and
 tolerances (``check_project.compare`` / ``TOLERANCES``): features, RPN proposals,
 detections, masks, in that order; a failure names the first stage that differs. One
-variant also goes through the SavedModel export. Also here: the pre/post-processing
+variant also goes through the frozen graph the exports wrap. Also here: the pre/post-processing
 conventions (uint8 resize, isotropic scale-back) against the fixture's image_resize.json,
 and old runs' config.yaml files keeping the anchor layout they were trained with.
 """
@@ -125,18 +125,15 @@ def _fixture_image(vc):
     return img
 
 
-def _export_and_run(predictor, img, tmp_path):
-    """The predictor's graph through eval.export_savedmodel, loaded in a fresh session."""
-    from export import export_savedmodel
-    directory = str(tmp_path / 'savedmodel')
-    export_savedmodel(predictor, directory)
+def _frozen_and_run(predictor, img):
+    """The predictor's graph frozen as export.py freezes it (the model inside both
+    exports), run in a fresh graph and session."""
+    from export import inner_graph_def
+    names = [t.op.name for t in predictor.output_tensors]
+    graph_def = inner_graph_def(predictor, names)
     with tf.Graph().as_default() as graph, tf1.Session(graph=graph) as sess:
-        meta = tf1.saved_model.loader.load(sess, [tf1.saved_model.tag_constants.SERVING],
-                                           directory)
-        sig = meta.signature_def['serving_default']
-        names = [t.op.name.split('/')[-1] for t in predictor.output_tensors]
-        fetch = [sig.outputs[n].name for n in names]
-        return sess.run(fetch, {sig.inputs['image'].name: img})
+        tf1.import_graph_def(graph_def, name='')
+        return sess.run([n + ':0' for n in names], {'image:0': img})
 
 
 @pytest.fixture(scope='module')
@@ -165,7 +162,7 @@ def _predictor(variant, vc, feature_keys, built, monkeypatch):
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
-def test_same_outputs_as_tensorpack(variant, fresh_cfg, built, monkeypatch, tmp_path):
+def test_same_outputs_as_tensorpack(variant, fresh_cfg, built, monkeypatch):
     """Default config + the variant's keys reproduce tensorpack's outputs: features,
     proposals (>= 99% of the top 1000 within 0.01 px), detections (all, boxes <= 0.02 px,
     scores <= 1e-4), masks (<= 5e-3) -- the fixture README's tolerances."""
@@ -181,10 +178,10 @@ def test_same_outputs_as_tensorpack(variant, fresh_cfg, built, monkeypatch, tmp_
     img = _fixture_image(vc)
     _assert_stages(variant, check.compare(ref, _project_outputs(predictor(img), feature_keys,
                                                                 check)))
-    if variant == 'r50_fpn_mask':  # the exported SavedModel computes the same
-        exported = _export_and_run(predictor, img, tmp_path)
+    if variant == 'r50_fpn_mask':  # the exports' frozen model computes the same
+        exported = _frozen_and_run(predictor, img)
         _assert_stages(variant, check.compare(ref, _project_outputs(exported, feature_keys,
-                                                                    check)), ' (SavedModel)')
+                                                                    check)), ' (frozen)')
 
 
 # ------------------------------------------------------------------ pre/post-processing

@@ -1,6 +1,11 @@
 """Test helpers: a tiny model configuration for fast CPU tests, a context manager to apply
-it, a dataset split over given roidbs and a reference polygon rasteriser."""
+it, a dataset split over given roidbs, a reference polygon rasteriser, and a fresh process
+with plain TensorFlow only."""
 import contextlib
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import yaml
@@ -68,3 +73,58 @@ def full_mask(polygons, h, w):
     """Reference full-image rasterisation of polygons ([K, 2] each): uint8 [h, w]."""
     flat = [np.asarray(p, np.float64).reshape(-1).tolist() for p in polygons]
     return mask_util.decode(mask_util.merge(mask_util.frPyObjects(flat, h, w)))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PLAIN_PROLOGUE = """
+import os, sys
+# The project's own tree must not be importable (its virtualenv may live inside it).
+assert os.path.abspath(ROOT) not in [os.path.abspath(p or '.') for p in sys.path], sys.path
+
+
+def run_frozen(path, fetches, feeds):
+    \"\"\"Run a frozen GraphDef file: session.run(fetches, feeds) by tensor names.\"\"\"
+    import tensorflow as tf
+    graph_def = tf.compat.v1.GraphDef()
+    with open(path, 'rb') as f:
+        graph_def.ParseFromString(f.read())
+    with tf.Graph().as_default() as g:
+        tf.compat.v1.import_graph_def(graph_def, name='')
+        with tf.compat.v1.Session(graph=g) as sess:
+            return sess.run(fetches, feeds)
+"""
+_PLAIN_EPILOGUE = """
+own = [m.__name__ for m in list(sys.modules.values())
+       if os.path.abspath(getattr(m, '__file__', None) or '/').startswith(ROOT + os.sep)
+       and 'site-packages' not in m.__file__]
+assert not own, own
+"""
+
+
+def run_plain_tensorflow(body, workdir, **names):
+    """Run the Python source ``body`` as a user without this project would: a fresh process,
+    no PYTHONPATH, in ``workdir``; each of ``names`` (and ROOT) is a global of the script,
+    and so is ``run_frozen(path, fetches, feeds)`` (a frozen GraphDef file, run).
+    It fails if the project is on sys.path or any project module got imported.
+
+    Returns:
+        subprocess.CompletedProcess (text output).
+    """
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env['TF_USE_LEGACY_KERAS'] = '1'
+    header = ''.join('{} = {!r}\n'.format(k, v) for k, v in dict(names, ROOT=ROOT).items())
+    code = header + _PLAIN_PROLOGUE + textwrap.dedent(body) + _PLAIN_EPILOGUE
+    return subprocess.run([sys.executable, '-c', code], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_masks_match(got, want):
+    """Each pair of 0/1 masks has IoU >= 0.99, give or take one pixel: an untrained mask
+    head's probabilities sit near the 0.5 threshold, where float rounding may flip a pixel
+    (a 50-pixel mask would otherwise fail on one)."""
+    assert len(got) == len(want), (len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = np.asarray(g, bool), np.asarray(w, bool)
+        union, differ = (g | w).sum(), (g != w).sum()
+        assert differ <= 0.01 * union + 1, 'mask {}: {} of {} pixels differ'.format(
+            i, differ, union)

@@ -33,11 +33,14 @@ from config_defaults import PRECISIONS
 from utils.compat import disable_cpu_memory_optimizer
 
 __all__ = ['PRECISIONS', 'INTRA_OP_THREADS_ENV', 'INTER_OP_THREADS_ENV', 'usable_cores',
-           'thread_counts', 'onednn_enabled', 'session_config', 'session_creator',
-           'wrap_optimizer']
+           'thread_counts', 'onednn_enabled', 'cpu_bf16_flags', 'auto_precision',
+           'session_config', 'session_creator', 'wrap_optimizer']
 
 INTRA_OP_THREADS_ENV = 'RCNN_INTRA_OP_THREADS'
 INTER_OP_THREADS_ENV = 'RCNN_INTER_OP_THREADS'
+# CPU flags (/proc/cpuinfo) of units that run bfloat16 matmuls natively: AMX tiles (Sapphire
+# Rapids and later) or AVX512-BF16 (Cooper Lake, Zen 4 and later).
+BF16_CPU_FLAGS = ('amx_bf16', 'avx512_bf16')
 # Inter-op threads per process: two ops at a time keep the cores busy while one op is a
 # small, poorly parallel one (NMS, gathers) without oversubscribing them (BENCHMARKS.md).
 DEFAULT_INTER_OP_THREADS = 2
@@ -91,6 +94,28 @@ def onednn_enabled():
     # The only query TensorFlow offers is this private binding (it reads the same decision).
     from tensorflow.python.util import _pywrap_util_port
     return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def cpu_bf16_flags(cpuinfo='/proc/cpuinfo'):
+    """The `BF16_CPU_FLAGS` this CPU has (sorted list; empty where cpuinfo is unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith('flags'):
+                    flags = set(line.split(':', 1)[1].split())
+                    return sorted(flags.intersection(BF16_CPU_FLAGS))
+    except OSError:
+        pass
+    return []
+
+
+def auto_precision(cpuinfo='/proc/cpuinfo'):
+    """'bf16' on a CPU with bfloat16 units (`cpu_bf16_flags`), else 'fp32'; logs both."""
+    flags = cpu_bf16_flags(cpuinfo)
+    chosen = 'bf16' if flags else 'fp32'
+    logger.warning('precision auto: CPU bfloat16 units %s -> %s', ', '.join(flags) or 'none',
+                   chosen)
+    return chosen
 
 
 def session_config(precision='fp32', intra_op=None, inter_op=None, processes_per_machine=1):
