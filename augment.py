@@ -321,13 +321,13 @@ class CopyPaste:
         oh, ow = min(h, other.img.shape[0]), min(w, other.img.shape[1])
         src_full[:, :oh, :ow] = src[:, :oh, :ow]
         cover = src_full.any(axis=0)
-        area = dst.reshape(len(dst), -1).sum(axis=1)
+        area = dst.reshape(len(dst), h * w).sum(axis=1)
         dst = dst * ~cover[None]
-        left = dst.reshape(len(dst), -1).sum(axis=1)
+        left = dst.reshape(len(dst), h * w).sum(axis=1)
         keep = np.flatnonzero(left > (1 - self.drop_covered) * area)
         img = np.array(s.img, np.float32)
         img[:oh, :ow][cover[:oh, :ow]] = other.img[:oh, :ow][cover[:oh, :ow]]
-        pasted = np.flatnonzero(src_full.reshape(len(src_full), -1).any(axis=1))
+        pasted = np.flatnonzero(src_full.reshape(len(src_full), h * w).any(axis=1))
         masks = np.concatenate([dst[keep], src_full[pasted]])
         return Sample(img, masks_to_boxes(masks),
                       np.concatenate([s.is_crowd[keep], other.is_crowd[pasted]]),
