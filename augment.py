@@ -263,17 +263,28 @@ class ColorJitter:
 
 
 def _full_masks(s):
-    """uint8 [N, H, W] masks of the sample's instances (a polygon-less one: its box)."""
+    """uint8 [N, H, W] masks of the sample's instances (a polygon-less one: its box).
+
+    Each polygon is rasterised only over its own bounding rectangle (pycocotools' cost
+    grows with the area it decodes)."""
     h, w = s.img.shape[:2]
     masks = np.zeros((len(s.boxes), h, w), np.uint8)
     segms = s.segms if s.segms is not None else [[] for _ in range(len(s.boxes))]
     for k, (polys, box) in enumerate(zip(segms, s.boxes)):
-        flat = [np.asarray(p, np.float64).reshape(-1).tolist() for p in polys if len(p) >= 3]
-        if flat:
-            masks[k] = mask_util.decode(mask_util.merge(mask_util.frPyObjects(flat, h, w)))
-        else:
+        points = [np.asarray(p, np.float64).reshape(-1, 2) for p in polys]
+        points = [p for p in points if len(p) >= 3]
+        if not points:
             x1, y1, x2, y2 = np.clip(np.rint(box), 0, [w, h, w, h]).astype(int)
             masks[k, y1:y2, x1:x2] = 1
+            continue
+        allp = np.concatenate(points)
+        x0, y0 = np.clip(np.floor(allp.min(axis=0)).astype(int), 0, [w, h])
+        x1, y1 = np.clip(np.ceil(allp.max(axis=0)).astype(int) + 1, 0, [w, h])
+        if x1 <= x0 or y1 <= y0:
+            continue  # entirely outside the image
+        flat = [(p - [x0, y0]).reshape(-1).tolist() for p in points]
+        rle = mask_util.merge(mask_util.frPyObjects(flat, int(y1 - y0), int(x1 - x0)))
+        masks[k, y0:y1, x0:x1] = mask_util.decode(rle)
     return masks
 
 
