@@ -96,8 +96,8 @@ def _resize(s, short, max_size, uint8=False):
     return s
 
 
-class HorizontalFlip:
-    """x -> W - x with probability ``prob`` (0: never, and no random draw)."""
+class _WithProb:
+    """Applies ``_apply(s, rng)`` with probability ``prob`` (0: never, and no random draw)."""
 
     def __init__(self, prob):
         self.prob = prob
@@ -105,6 +105,13 @@ class HorizontalFlip:
     def __call__(self, s, rng):
         if self.prob <= 0 or rng.random() >= self.prob:
             return s
+        return self._apply(s, rng)
+
+
+class HorizontalFlip(_WithProb):
+    """x -> W - x."""
+
+    def _apply(self, s, rng):
         width = s.img.shape[1]
         s.img, s.boxes = flip_image(s.img), flip_boxes(s.boxes, width)
         if s.segms is not None:
@@ -120,15 +127,10 @@ def _map_polygons(segms, fn):
     return [[fn(np.asarray(p, np.float32).reshape(-1, 2)) for p in polys] for polys in segms]
 
 
-class VerticalFlip:
-    """y -> H - y with probability ``prob``."""
+class VerticalFlip(_WithProb):
+    """y -> H - y."""
 
-    def __init__(self, prob):
-        self.prob = prob
-
-    def __call__(self, s, rng):
-        if self.prob <= 0 or rng.random() >= self.prob:
-            return s
+    def _apply(self, s, rng):
         h = s.img.shape[0]
         fn = lambda p: np.stack([p[:, 0], h - p[:, 1]], axis=1)  # noqa: E731
         s.img, s.boxes = s.img[::-1], _map_boxes(s.boxes, fn)
@@ -138,17 +140,12 @@ class VerticalFlip:
         return s
 
 
-class Rotate90:
-    """With probability ``prob``, k x 90 degrees counter-clockwise, k uniform in 1..3.
+class Rotate90(_WithProb):
+    """k x 90 degrees counter-clockwise, k uniform in 1..3.
 
     One quarter turn of a W-wide image (np.rot90) maps (x, y) to (y, W - x)."""
 
-    def __init__(self, prob):
-        self.prob = prob
-
-    def __call__(self, s, rng):
-        if self.prob <= 0 or rng.random() >= self.prob:
-            return s
+    def _apply(self, s, rng):
         for _ in range(int(rng.integers(1, 4))):
             w = s.img.shape[1]
             fn = lambda p, w=w: np.stack([p[:, 1], w - p[:, 0]], axis=1)  # noqa: E731
