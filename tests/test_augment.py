@@ -233,3 +233,33 @@ def _pasted_scene():
     img = np.zeros((H, W, 3), np.float32)
     img[full_mask([p], H, W).astype(bool)] = 200
     return Sample(img, np.float32([[50, 4, 78, 28]]), np.array([False]), np.int64([3]), [[p]])
+
+
+def test_train_dataflow_pastes_from_the_training_images(fresh_cfg, tmp_path):
+    """get_train_dataflow hands copy-paste its roidbs: images gain the other's instances."""
+    from dataset import DatasetRegistry
+    from tests.tiny import ListSplit
+    from utils.graph_inputs import input_names
+    roidbs = []
+    for name, s in (('a', _scene()), ('b', _pasted_scene())):
+        path = str(tmp_path / (name + '.png'))
+        cv2.imwrite(path, s.img.astype(np.uint8))
+        roidbs.append({'file_name': path, 'boxes': s.boxes, 'class': s.klass,
+                       'is_crowd': s.is_crowd.astype(np.int8), 'segmentation': s.segms})
+    DatasetRegistry.register('test_augment_paste', lambda: ListSplit(roidbs))
+    fresh_cfg.update_args(['DATA.TRAIN=test_augment_paste', 'DATA.NUM_WORKERS=0',
+                           'PREPROC.MAX_SIZE=200', 'MRCNN.GT_MASK_SIZE=28',
+                           'PREPROC.AUGMENTATIONS=[["LargeScaleJitter", {"size": 128, '
+                           '"min_scale": 0.8, "max_scale": 1.2}], ["CopyPaste", {"prob": 1}]]'])
+    df = data.get_train_dataflow()
+    df.reset_state()
+    names = input_names(fresh_cfg.MODE_FPN, fresh_cfg.MODE_MASK, fresh_cfg.FPN.ANCHOR_STRIDES)
+    labels = set()
+    for _, dp in zip(range(20), df):
+        dp = dict(zip(names, dp))
+        assert dp['image'].shape == (128, 128, 3)
+        assert len(dp['gt_masks']) == len(dp['gt_boxes']) == len(dp['gt_labels'])
+        labels.add(tuple(sorted(set(dp['gt_labels'].tolist()))))
+    # The pool is both images (an image may paste itself, p = 1/2): some datapoint of the
+    # 20 has a's instances (classes 1, 2) and b's (3) together.
+    assert any(1 in ls and 3 in ls for ls in labels), labels
