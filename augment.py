@@ -248,11 +248,13 @@ class ColorJitter:
             f = rng.uniform(1 - amount, 1 + amount)
             if name == 'brightness':
                 img = img * f
-            elif name == 'contrast':
-                img = (img - self._gray(img).mean()) * f + self._gray(img).mean()
-            else:
-                img = (img - self._gray(img)[:, :, None]) * f + self._gray(img)[:, :, None]
-            img = np.clip(img, 0, 255)
+            elif name == 'contrast':  # towards / away from the mean gray level
+                mean = self._gray(img).mean()
+                img = (img - mean) * f + mean
+            else:  # towards / away from each pixel's gray
+                gray = self._gray(img)[:, :, None]
+                img = (img - gray) * f + gray
+            np.clip(img, 0, 255, out=img)
         out = np.array(s.img, np.float32)
         out[:, :, :self.colour] = np.clip(img, 0, 255)
         s.img = out
