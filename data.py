@@ -349,7 +349,8 @@ def get_train_dataflow(shard=None):
                                                                         shard))
 
     rank = shard[0] if shard is not None else 0
-    pastes = any('CopyPaste' in (a if isinstance(a, str) else a[0])
+    # Copy-paste takes its instances from this rank's images.
+    pastes = any((a if isinstance(a, str) else a[0]) == 'CopyPaste'
                  for a in cfg.PREPROC.AUGMENTATIONS)
     preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank,
                                           paste_pool=roidbs if pastes else None)
