@@ -255,7 +255,7 @@ def test_train_dataflow_pastes_from_the_training_images(fresh_cfg, tmp_path):
     df.reset_state()
     names = input_names(fresh_cfg.MODE_FPN, fresh_cfg.MODE_MASK, fresh_cfg.FPN.ANCHOR_STRIDES)
     labels = set()
-    for _, dp in zip(range(20), df):
+    for dp in (dp for _ in range(10) for dp in df):  # 10 epochs of the 2 images
         dp = dict(zip(names, dp))
         assert dp['image'].shape == (128, 128, 3)
         assert len(dp['gt_masks']) == len(dp['gt_boxes']) == len(dp['gt_labels'])
