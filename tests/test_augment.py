@@ -263,3 +263,16 @@ def test_train_dataflow_pastes_from_the_training_images(fresh_cfg, tmp_path):
     # The pool is both images (an image may paste itself, p = 1/2): some datapoint of the
     # 20 has a's instances (classes 1, 2) and b's (3) together.
     assert any(1 in ls and 3 in ls for ls in labels), labels
+
+
+def test_the_list_survives_a_run_config_yaml(fresh_cfg, tmp_path):
+    """A run's config.yaml keeps the list, parameters included (predict.py, resuming)."""
+    value = ['HorizontalFlip', ['LargeScaleJitter', {'size': 512, 'max_scale': 1.5}]]
+    fresh_cfg.set_value('PREPROC.AUGMENTATIONS', value)
+    path = str(tmp_path / 'config.yaml')
+    fresh_cfg.save_yaml(path)
+    fresh_cfg.set_value('PREPROC.AUGMENTATIONS', ['VerticalFlip'])
+    fresh_cfg.load_yaml(path)
+    assert fresh_cfg.PREPROC.AUGMENTATIONS == value
+    lsj = augment.build_augmentors(fresh_cfg)[1]
+    assert (lsj.size, lsj.min_scale, lsj.max_scale) == (512, 0.1, 1.5)
