@@ -69,6 +69,7 @@ def _map_masks(masks, fn):
 
 
 def _empty_like_image(s):
+    """Zero masks take the image size (resizing them is a no-op otherwise)."""
     if s.masks is not None and len(s.masks) == 0:
         s.masks = np.zeros((0,) + s.img.shape[:2], np.uint8)
 
