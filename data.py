@@ -25,8 +25,10 @@ from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape,
 from config import config as cfg
 from dataset import DatasetError, DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
+from utils.forked import release_freed_memory, run_in_forked_process
 from utils.graph_inputs import fpn_levels, image_pad_multiple, input_names
 from utils.np_box_ops import max_coverage, max_iou_over_gt
+from utils.serialized_list import SerializedList
 
 logger = logging.getLogger(__name__)
 
@@ -315,21 +317,9 @@ def _has_usable_box(roidb):
     return bool(ok.any())
 
 
-def get_train_dataflow(shard=None):
-    """The training dataflow: lists ordered as `utils.graph_inputs.input_names`.
-
-    Roidbs of every dataset in DATA.TRAIN are concatenated, images without a usable
-    non-crowd box dropped (DATA.FILTER_EMPTY_ANNOTATIONS), shuffled each epoch and
-    preprocessed by DATA.NUM_WORKERS processes (0: in this process). Skipped images
-    (unreadable, nothing left after augmentation) are logged and never yielded.
-
-    Args:
-        shard ((rank, size) or None): with Horovod, rank r takes every size-th image of one
-            fixed permutation (the same on every rank, so the shards are disjoint).
-    """
-    from utils.compat import warn_unless_msgpack  # sets TENSORPACK_SERIALIZE if still unset
-    from tensorpack.dataflow import DataFromList, MapData, MultiProcessMapData
-
+def _training_roidbs(shard):
+    """Roidbs of DATA.TRAIN, filtered and sharded (see `get_train_dataflow`), in one
+    `SerializedList`. Raises DatasetError when no image is left."""
     roidbs = list(itertools.chain.from_iterable(
         DatasetRegistry.get(name).training_roidbs() for name in cfg.DATA.TRAIN))
     total = len(roidbs)
@@ -347,7 +337,30 @@ def get_train_dataflow(shard=None):
         raise DatasetError('No training images left in DATA.TRAIN={} (shard {}): every image '
                            'was filtered (see the counts above).'.format(list(cfg.DATA.TRAIN),
                                                                         shard))
+    return SerializedList(roidbs)  # one buffer, not millions of objects: no copy-on-read
 
+
+def get_train_dataflow(shard=None):
+    """The training dataflow: lists ordered as `utils.graph_inputs.input_names`.
+
+    Roidbs of every dataset in DATA.TRAIN are concatenated, images without a usable
+    non-crowd box dropped (DATA.FILTER_EMPTY_ANNOTATIONS), shuffled each epoch and
+    preprocessed by DATA.NUM_WORKERS processes (0: in this process). Skipped images
+    (unreadable, nothing left after augmentation) are logged and never yielded.
+
+    Args:
+        shard ((rank, size) or None): with Horovod, rank r takes every size-th image of one
+            fixed permutation (the same on every rank, so the shards are disjoint).
+    """
+    from utils.compat import warn_unless_msgpack  # sets TENSORPACK_SERIALIZE if still unset
+    from tensorpack.dataflow import DataFromList, MapData, MultiProcessMapData
+
+    workers = cfg.DATA.NUM_WORKERS
+    # With workers, the json and the roidb objects exist only in a short-lived child: the
+    # workers fork from a process that holds just the compact roidb buffer (utils/forked.py).
+    roidbs = (run_in_forked_process(_training_roidbs, shard) if workers > 0
+              else _training_roidbs(shard))
+    release_freed_memory()  # what the main process freed, before the workers fork
     rank = shard[0] if shard is not None else 0
     # Copy-paste takes its instances from this rank's images.
     pastes = any((a if isinstance(a, str) else a[0]) == 'CopyPaste'
@@ -355,7 +368,6 @@ def get_train_dataflow(shard=None):
     preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank,
                                           paste_pool=roidbs if pastes else None)
     ds = DataFromList(roidbs, shuffle=True)
-    workers = cfg.DATA.NUM_WORKERS
     if workers > 0:
         warn_unless_msgpack(logger)
         ds = MultiProcessMapData(ds, num_proc=workers, map_func=preprocess,

@@ -19,16 +19,16 @@ import numpy as np
 from pycocotools import mask as mask_util
 from tensorpack.callbacks import Callback
 from tensorpack.utils import logger
-from tensorpack.utils.utils import get_tqdm
 
 from common import ImageReadError, clip_boxes, read_image, resize_shortest_edge, scale_boxes
 from config import config as cfg
 from dataset import DatasetRegistry
+from utils.distributed import predict_on_devices, predict_on_ranks
 
 __all__ = ['DetectionResult', 'get_inference_output_names', 'paste_mask', 'iter_paste_masks',
            'encode_mask', 'paste_masks_rle', 'predict_image', 'predict_image_with_proposals',
            'detection_to_dict', 'predict_dataflow', 'read_inference_images',
-           'evaluate_on_dataset', 'EvalCallback', 'PHASES']
+           'predict_roidbs', 'evaluate_on_dataset', 'EvalCallback', 'PHASES']
 
 DetectionResult = collections.namedtuple('DetectionResult', ['box', 'score', 'class_id', 'mask'])
 DetectionResult.__doc__ = """One detection in the original image.
@@ -310,24 +310,42 @@ def read_inference_images(roidbs, failures, tqdm_bar=None):
         yield img, roidb['image_id']
 
 
-def evaluate_on_dataset(name, model_func, output_file=None):
+def predict_roidbs(roidbs, model_funcs, tqdm_bar=None):
+    """Predict ``roidbs``' images split over ``model_funcs``, one per device of this process.
+
+    Returns:
+        (results, failures): result dicts (`detection_to_dict`) in image order, as one
+        function would give them; unreadable images as (file_name, reason).
+    """
+    def run(part, model_func):
+        failures = []
+        return predict_dataflow(read_inference_images(part, failures, tqdm_bar), model_func,
+                                tqdm_bar), failures
+    return predict_on_devices(roidbs, model_funcs, run)
+
+
+def evaluate_on_dataset(name, model_func, output_file=None, horovod=False):
     """Predict every image of a registered split and evaluate with its evaluator.
 
     Args:
         name (str): a registered dataset name (e.g. one of ``cfg.DATA.VAL``).
-        model_func: as in `predict_image`.
+        model_func: as in `predict_image`, or a list of them (`predict_roidbs`).
         output_file (str or None): where the split writes the COCO-format results json
             (original category ids).
+        horovod (bool): call on every rank: each predicts its share, rank 0 evaluates all
+            once; the metrics equal one process's (`utils.distributed.predict_on_ranks`).
     Returns:
-        dict[str, float]: the split's metrics (``mAP(bbox)/IoU=0.5:0.95``, per-class AP, ...).
-        Unreadable images are skipped (their ground truth counts as missed) and logged.
+        dict[str, float]: the split's metrics (``mAP(bbox)/IoU=0.5:0.95``, per-class AP, ...),
+        None on other Horovod ranks. Unreadable images are skipped (their gt counts as missed).
     """
     split = DatasetRegistry.get(name)
     roidbs = split.inference_roidbs()
-    failures = []
-    with get_tqdm(total=len(roidbs), desc='Evaluating ' + name) as bar:
-        results = predict_dataflow(read_inference_images(roidbs, failures, bar), model_func,
-                                   bar)
+    funcs = list(model_func) if isinstance(model_func, (list, tuple)) else [model_func]
+    merged = predict_on_ranks(roidbs, lambda part, bar: predict_roidbs(part, funcs, bar),
+                              horovod, 'Evaluating ' + name)
+    if merged is None:  # not rank 0
+        return None
+    results, failures = merged
     if failures:
         logger.warn('{}: skipped {} of {} images that could not be read.'.format(
             name, len(failures), len(roidbs)))
@@ -339,10 +357,11 @@ class EvalCallback(Callback):
     and after the last epoch; every metric goes to the trainer's monitors as
     ``<dataset>/<metric>`` and the results json to the log directory.
 
-    Chief only (tensorpack's default): under Horovod, rank 0 evaluates alone while the
-    other ranks wait at the next all-reduce. The final evaluation runs in the last epoch's
-    ``_trigger_epoch`` rather than ``_after_train``, which also runs after a failure.
+    Every Horovod rank (or GPU of this process) predicts a share of the images and rank 0
+    evaluates them all. The final evaluation runs in the last epoch's ``_trigger_epoch``
+    rather than ``_after_train``, which also runs after a failure.
     """
+    _chief_only = False  # every rank predicts; only rank 0 reports
 
     def __init__(self, dataset_names=None, eval_period=None):
         """
@@ -356,9 +375,11 @@ class EvalCallback(Callback):
         assert self._period > 0, self._period
 
     def _setup_graph(self):
-        device = 0 if cfg.TRAIN.NUM_GPUS > 0 else -1  # -1: tensorpack's '/cpu:0' tower
-        self._predictor = self.trainer.get_predictor(['image'], get_inference_output_names(),
-                                                     device=device)
+        self._horovod = cfg.TRAINER == 'horovod'  # a Horovod rank sees its own GPU as 0
+        num_gpus = cfg.TRAIN.NUM_GPUS if not self._horovod else min(cfg.TRAIN.NUM_GPUS, 1)
+        devices = range(num_gpus) if num_gpus > 0 else [-1]  # -1: tensorpack's '/cpu:0' tower
+        self._predictors = [self.trainer.get_predictor(['image'], get_inference_output_names(),
+                                                       device=d) for d in devices]
 
     def _before_train(self):
         last = self.trainer.max_epoch
@@ -373,6 +394,6 @@ class EvalCallback(Callback):
         for name in self._names:
             output = (os.path.join(logdir, 'outputs{}-{}.json'.format(self.global_step, name))
                       if logdir else None)
-            metrics = evaluate_on_dataset(name, self._predictor, output)
-            for key, value in metrics.items():
+            metrics = evaluate_on_dataset(name, self._predictors, output, self._horovod)
+            for key, value in (metrics or {}).items():  # None on ranks other than 0
                 self.trainer.monitors.put_scalar('{}/{}'.format(name, key), value)

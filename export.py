@@ -26,7 +26,7 @@ def export_savedmodel(predictor, directory):
     order of ``cfg.PREPROC``, raw pixels in [0, 255], already resized by the caller);
     outputs ``boxes``, ``scores``, ``labels`` (and ``masks``) as in NOTES.md. Written with
     ``tf.compat.v1`` directly: tensorpack's ``export_serving`` names the keys after tensors
-    ('output/boxes:0') and its ``export_compact`` fails on TF 2.18 (utils/compat.py, shim 8).
+    ('output/boxes:0') and its ``export_compact`` fails on TF 2.18 (utils/compat.py, shim 9).
 
     Args:
         predictor: a tensorpack ``OfflinePredictor`` (its graph, session and tensors).
@@ -51,7 +51,7 @@ def export_frozen_graph(predictor, filename):
     """Write a predictor's graph with its variables frozen to constants as one GraphDef
     (.pb). Inputs and outputs keep their graph names: ``image:0``, ``output/boxes:0``, ...
 
-    Not tensorpack's ``export_compact``, which fails on TF 2.18 (utils/compat.py, shim 8).
+    Not tensorpack's ``export_compact``, which fails on TF 2.18 (utils/compat.py, shim 9).
     """
     names = [t.op.name for t in predictor.output_tensors]
     frozen = freeze_graph_def(predictor.sess, predictor.graph.as_graph_def(), names)

@@ -3,6 +3,7 @@
 
     python predict.py --load train_log/maskrcnn --predict img.jpg photos/ 'more/*.png'
     python predict.py --load train_log/maskrcnn --evaluate results.json
+    horovodrun -np 8 -H localhost:8 python predict.py --load train_log/maskrcnn --evaluate r.json
     python predict.py --load model.npz --benchmark 50
     python predict.py --load train_log/maskrcnn --visualize 10
     python predict.py --load train_log/maskrcnn --export-savedmodel export/ --export-pb model.pb
@@ -96,25 +97,44 @@ def output_stems(paths):
     return stems
 
 
-def build_predictor(weights, extra_outputs=()):
-    """An OfflinePredictor of the configured model; ``weights``: a utils.training.WeightsLoader
+def predict_config(weights, extra_outputs=()):
+    """The PredictConfig of the configured model; ``weights``: a utils.training.WeightsLoader
     (None: freshly initialised weights, e.g. for benchmarks). Its session comes from
-    `utils.precision.session_creator` (threads, TRAIN.PRECISION's graph rewrite).
+    `utils.precision.session_creator` (threads, TRAIN.PRECISION's graph rewrite); under
+    horovodrun each rank takes its share of the cores and its local GPU."""
+    from tensorpack import PredictConfig
+
+    from eval import get_inference_output_names
+    from modeling.generalized_rcnn import build_model
+    from utils.distributed import horovod_local_rank_size
+    from utils.precision import session_creator
+    model = build_model()
+    local_rank, local_size = horovod_local_rank_size()
+    # all cores (tensorpack's default is 1 intra-op thread) and TRAIN.PRECISION's rewrite
+    creator = session_creator(cfg.TRAIN.PRECISION, processes_per_machine=local_size)
+    if local_size > 1 and cfg.TRAIN.NUM_GPUS > 0:  # one GPU per rank, as HorovodTrainer does
+        creator.config.gpu_options.visible_device_list = str(local_rank)
+    return PredictConfig(
+        model=model, session_init=weights, input_names=['image'],
+        output_names=get_inference_output_names() + list(extra_outputs),
+        session_creator=creator)
+
+
+def build_predictor(weights, extra_outputs=()):
+    """An OfflinePredictor of `predict_config`.
 
     Raises:
         KeyError: an output name (e.g. of ``extra_outputs``) is not in the graph.
     """
-    from tensorpack import OfflinePredictor, PredictConfig
+    from tensorpack import OfflinePredictor
+    return OfflinePredictor(predict_config(weights, extra_outputs))
 
-    from eval import get_inference_output_names
-    from modeling.generalized_rcnn import build_model
-    from utils.precision import session_creator
-    model = build_model()
-    return OfflinePredictor(PredictConfig(
-        model=model, session_init=weights, input_names=['image'],
-        output_names=get_inference_output_names() + list(extra_outputs),
-        # all cores (tensorpack's default is 1 intra-op thread) and TRAIN.PRECISION's rewrite
-        session_creator=session_creator(cfg.TRAIN.PRECISION)))
+
+def build_gpu_predictors(weights, num_gpus):
+    """One predictor per GPU, sharing one set of weights (evaluation split over GPUs)."""
+    from tensorpack.predict import MultiTowerOfflinePredictor
+    return MultiTowerOfflinePredictor(predict_config(weights),
+                                      list(range(num_gpus))).get_predictors()
 
 
 def class_category_ids():
@@ -180,13 +200,21 @@ def run_predict(args, predictor):
     return done
 
 
-def run_evaluate(args, predictor):
-    """--evaluate: every DATA.VAL set; several sets get '-<name>' before the json suffix."""
+def run_evaluate(args, predictor, weights):
+    """--evaluate: every DATA.VAL set; several sets get '-<name>' before the json suffix.
+    Under horovodrun every rank predicts a share of the images and rank 0 reports; with
+    several GPUs in this process each GPU predicts a share."""
     from eval import evaluate_on_dataset
+    from utils.distributed import horovod_rank_size
+    horovod = horovod_rank_size()[1] > 1
+    if cfg.TRAIN.NUM_GPUS > 1 and not horovod:
+        predictor = build_gpu_predictors(weights, cfg.TRAIN.NUM_GPUS)
     root, ext = os.path.splitext(args.evaluate)
     for name in cfg.DATA.VAL:
         out = args.evaluate if len(cfg.DATA.VAL) == 1 else '{}-{}{}'.format(root, name, ext)
-        metrics = evaluate_on_dataset(name, predictor, out)
+        metrics = evaluate_on_dataset(name, predictor, out, horovod=horovod)
+        if metrics is None:  # a Horovod rank other than 0
+            continue
         print('{} (results in {}):'.format(name, out))
         for key, value in metrics.items():
             print('  {:<40} {:.4f}'.format(key, value))
@@ -272,7 +300,9 @@ def training_config_file(load):
 
 def main(args):
     """Run; a user error (config, path, dataset) ends with one "Error: ..." line, status 1."""
+    from utils.distributed import init_horovod_if_launched
     from utils.training import WeightsLoader
+    init_horovod_if_launched()  # under horovodrun: --evaluate shared by the ranks
     run_config = training_config_file(args.load)
     if args.config_file is None:
         # The training run's own config: same channels, channel order and model shape
@@ -291,7 +321,12 @@ def main(args):
 
 def run(args, weights):
     """Every action asked for, in a fixed order; returns the exit status."""
+    from utils.distributed import horovod_rank_size
     from utils.training import UserInputError
+    if horovod_rank_size()[0] > 0:  # under horovodrun the other ranks only share --evaluate
+        if args.evaluate:
+            run_evaluate(args, build_predictor(weights), weights)
+        return 0
     if args.export_savedmodel and os.path.exists(args.export_savedmodel):
         raise UserInputError('--export-savedmodel: "{}" already exists.'.format(
             args.export_savedmodel))
@@ -308,7 +343,7 @@ def run(args, weights):
         from export import export_frozen_graph
         export_frozen_graph(predictor, args.export_pb)
     if args.evaluate:
-        run_evaluate(args, predictor)
+        run_evaluate(args, predictor, weights)
     if args.benchmark:
         run_benchmark(args, predictor)
     if args.predict and run_predict(args, predictor) == 0:

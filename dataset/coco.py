@@ -136,8 +136,9 @@ class COCODetection(DatasetSplit):
             return None
         x1, y1, x2, y2 = x, y, x + w, y + h
         if width is not None and height is not None:
-            x1, x2 = np.clip([x1, x2], 0, width)
-            y1, y2 = np.clip([y1, y2], 0, height)
+            # Python floats, not np.clip: this runs ~1M times on COCO (3x faster start-up)
+            x1, x2 = min(max(x1, 0.), width), min(max(x2, 0.), width)
+            y1, y2 = min(max(y1, 0.), height), min(max(y2, 0.), height)
             if x2 - x1 < 1 or y2 - y1 < 1:
                 dropped['box outside the image'] += 1
                 return None

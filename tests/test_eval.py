@@ -278,6 +278,16 @@ def coco_split(tmp_path):
     return name, str(json_file)
 
 
+def add_corrupt_image(tmp_path, json_file):
+    """Append an unreadable image (id 99) to the split's json: it must be skipped."""
+    with open(json_file) as f:
+        gt = json.load(f)
+    gt['images'].append({'id': 99, 'file_name': 'corrupt.png', 'height': 48, 'width': 64})
+    (tmp_path / 'corrupt.png').write_bytes(b'not a png')
+    with open(json_file, 'w') as f:
+        json.dump(gt, f)
+
+
 @pytest.fixture
 def stand_in_cfg(test_cfg):
     test_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 48  # the images' own size: no resampling
@@ -294,13 +304,7 @@ def test_evaluate_on_dataset_original_ids_and_perfect_ap(stand_in_cfg, coco_spli
     predictor = OfflinePredictor(PredictConfig(
         model=StandInModel(), input_names=['image'],
         output_names=ev.get_inference_output_names()))
-    # A corrupt file among the images is skipped, not fatal.
-    with open(json_file) as f:
-        gt = json.load(f)
-    gt['images'].append({'id': 99, 'file_name': 'corrupt.png', 'height': 48, 'width': 64})
-    (tmp_path / 'corrupt.png').write_bytes(b'not a png')
-    with open(json_file, 'w') as f:
-        json.dump(gt, f)
+    add_corrupt_image(tmp_path, json_file)  # skipped, not fatal
 
     out = str(tmp_path / 'results.json')
     metrics = ev.evaluate_on_dataset(name, predictor, out)

@@ -97,8 +97,20 @@ def _patch_tensorpack_death_signal():
         module.enable_death_signal = die_with_parent
 
 
+def _patch_tensorpack_multitower(tf):
+    """Shim 6 -- tensorpack 0.11's `MultiTowerOfflinePredictor` (one predictor per GPU).
+
+    Its module calls `tf.variable_scope` / `tf.get_variable_scope` on the TF2 module, which
+    lacks them (AttributeError when it builds). Its `tf` becomes `tf.compat.v1`, which has
+    every name it uses. Remove when tensorpack/predict/multigpu.py imports `tfv1`.
+    """
+    from tensorpack.predict import multigpu
+    if not hasattr(multigpu.tf, 'variable_scope'):
+        multigpu.tf = tf.compat.v1
+
+
 def frozen_variable_getter(getter, *args, **kwargs):
-    """Shim 6 -- frozen weights stay in MODEL_VARIABLES (a ``custom_getter``).
+    """Shim 7 -- frozen weights stay in MODEL_VARIABLES (a ``custom_getter``).
 
     Creates/gets a variable outside TRAINABLE_VARIABLES but keeps a would-be-trainable one
     in MODEL_VARIABLES, where tensorpack's savers and exporters look for weights.
@@ -118,7 +130,7 @@ def frozen_variable_getter(getter, *args, **kwargs):
 
 
 def disable_cpu_memory_optimizer(rewrite_options):
-    """Shim 7 -- no grappler memory optimizer on CPU-only sessions.
+    """Shim 8 -- no grappler memory optimizer on CPU-only sessions.
 
     It only swaps tensors to host memory on GPUs, so on a CPU it gains nothing
     (BENCHMARKS.md), while its cost model logs a screenful of "Error in PredictCost() for
@@ -131,7 +143,7 @@ def disable_cpu_memory_optimizer(rewrite_options):
 
 
 def freeze_graph_def(sess, graph_def, output_names):
-    """Shim 8 -- a frozen GraphDef without tensorpack's ``export_compact``.
+    """Shim 9 -- a frozen GraphDef without tensorpack's ``export_compact``.
 
     tensorpack 0.11's ``ModelExporter.export_compact`` calls
     ``convert_variables_to_constants`` from ``tensorflow.python.framework.graph_util``,
@@ -164,6 +176,7 @@ def apply():
     _patch_tf_global_variables(tf)
     _patch_tensorpack_logger_error()
     _patch_tensorpack_death_signal()
+    _patch_tensorpack_multitower(tf)
     return tf
 
 
