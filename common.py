@@ -18,7 +18,8 @@ from config import config as cfg
 
 __all__ = ['ImageReadError', 'read_image', 'resize_shortest_edge', 'scale_boxes',
            'scale_polygons', 'shift_polygons', 'flip_image', 'flip_boxes', 'flip_polygons',
-           'clip_boxes', 'filter_boxes_inside_shape', 'polygons_to_box_frame_mask']
+           'random_crop', 'crop_window', 'clip_boxes', 'filter_boxes_inside_shape',
+           'polygons_to_box_frame_mask']
 
 
 class ImageReadError(IOError):
@@ -157,10 +158,20 @@ def random_crop(img, boxes, is_crowd, segms, crop, rng):
     """A random crop x crop window of img [H, W, C] (smaller sides kept whole); boxes
     [N, 4] and polygons shifted into it. ``rng``: a numpy Generator.
 
-    The window contains one non-crowd instance chosen at random (whole if it fits, else
-    its centre), so a crop is never empty; instances it cuts are clipped by the caller.
+    The window (`crop_window`) contains one non-crowd instance chosen at random (whole if
+    it fits, else its centre), so a crop is never empty; instances it cuts are clipped by
+    the caller.
     """
-    h, w = img.shape[:2]
+    y0, x0, ch, cw = crop_window(img.shape, boxes, is_crowd, crop, rng)
+    boxes = boxes - np.float32([x0, y0, x0, y0])
+    if segms is not None:
+        segms = shift_polygons(segms, -x0, -y0)
+    return img[y0:y0 + ch, x0:x0 + cw], boxes, segms
+
+
+def crop_window(shape, boxes, is_crowd, crop, rng):
+    """(y0, x0, height, width) of `random_crop`'s window in an image of ``shape``."""
+    h, w = shape[:2]
     ch, cw = min(crop, h), min(crop, w)
     candidates = np.flatnonzero(~np.asarray(is_crowd, bool))
     if len(candidates):
@@ -169,10 +180,7 @@ def random_crop(img, boxes, is_crowd, segms, crop, rng):
         x0 = _window_start(x1, x2, cw, w, rng)
     else:
         y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    boxes = boxes - np.float32([x0, y0, x0, y0])
-    if segms is not None:
-        segms = shift_polygons(segms, -x0, -y0)
-    return img[y0:y0 + ch, x0:x0 + cw], boxes, segms
+    return y0, x0, ch, cw
 
 
 def _window_start(lo, hi, size, full, rng):

@@ -53,6 +53,45 @@ def _check_choices():
             key, ', '.join(repr(a) for a in allowed), value, hint))
 
 
+def _close_hint(word, allowed):
+    close = difflib.get_close_matches(str(word), [str(a) for a in allowed], n=2, cutoff=0.5)
+    return ' Did you mean: {}?'.format(', '.join(close)) if close else ''
+
+
+def _check_augmentations(stride):
+    """PREPROC.AUGMENTATIONS: known names (config_defaults.AUGMENTORS) and parameters,
+    numeric values, probabilities in [0, 1], large-scale jitter sizes the model can take."""
+    key = 'PREPROC.AUGMENTATIONS'
+    for item in _C.PREPROC.AUGMENTATIONS:
+        name, params = (item, {}) if isinstance(item, str) else (list(item) + [None])[:2]
+        if not isinstance(name, str) or not isinstance(params or {}, dict) or \
+                (not isinstance(item, str) and len(item) != 2):
+            _fail('{}: each item is a name or [name, {{param: value}}], got {!r}.'.format(
+                key, item))
+        if name not in D.AUGMENTORS:
+            _fail('{}: unknown augmentor {!r}; known: {}.{}'.format(
+                key, name, ', '.join(D.AUGMENTORS), _close_hint(name, D.AUGMENTORS)))
+        for p, v in params.items():
+            if p not in D.AUGMENTORS[name]:
+                _fail('{}: {} has no parameter {!r}; it takes {}.{}'.format(
+                    key, name, p, ', '.join(D.AUGMENTORS[name]) or 'none',
+                    _close_hint(p, D.AUGMENTORS[name])))
+            values = v if isinstance(v, (list, tuple)) else [v]
+            if not values or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                     and x >= 0 for x in values):
+                _fail('{}: {}.{} must be a number >= 0 (or a list of them), got {!r}.'.format(
+                    key, name, p, v))
+            if p == 'prob' and v > 1:
+                _fail('{}: {}.prob must be in [0, 1], got {}.'.format(key, name, v))
+        if name == 'LargeScaleJitter':
+            lsj = dict(D.AUGMENTORS[name], **params)
+            if lsj['size'] <= 0 or lsj['size'] % stride or \
+                    not 0 < lsj['min_scale'] <= lsj['max_scale']:
+                _fail('{}: LargeScaleJitter needs size a positive multiple of the largest '
+                      'stride {} and 0 < min_scale <= max_scale, got {}.'.format(
+                          key, stride, lsj))
+
+
 def _validate():
     """Check values and combinations of keys; every message names the keys involved."""
     C = _C
@@ -87,6 +126,7 @@ def _validate():
     if C.PREPROC.CROP_SIZE and C.PREPROC.CROP_SIZE % stride:
         _fail('PREPROC.CROP_SIZE={} must be a multiple of the largest stride {}.'.format(
             C.PREPROC.CROP_SIZE, stride))
+    _check_augmentations(stride)
     if C.PREPROC.MAX_SIZE < stride:
         _fail('PREPROC.MAX_SIZE={} is smaller than the largest stride {}.'.format(
             C.PREPROC.MAX_SIZE, stride))

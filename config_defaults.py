@@ -25,6 +25,18 @@ MASK_PASTE_MODES = ('zeros', 'edge')                  # TEST.MASK_PASTE (eval.py
 # modeling/model_mrcnn.py, looked up by these names (their HEAD_FUNCS tables).
 FRCNN_HEAD_FUNCS = ('fastrcnn_2fc_head', 'fastrcnn_4conv1fc_head', 'fastrcnn_4conv1fc_gn_head')
 MRCNN_HEAD_FUNCS = ('maskrcnn_up4conv_head', 'maskrcnn_up4conv_gn_head')
+# PREPROC.AUGMENTATIONS: the augmentors of augment.py by name, with every parameter each
+# takes and its default (None: from the older PREPROC key named in augment.py).
+AUGMENTORS = {
+    'ResizeShortestEdge': {'sizes': None, 'max_size': None},  # TRAIN_SHORT_EDGE_SIZE, MAX_SIZE
+    'HorizontalFlip': {'prob': None},       # 0.5 if PREPROC.HORIZONTAL_FLIP else 0
+    'VerticalFlip': {'prob': 0.5},
+    'Rotate90': {'prob': 0.75},             # k x 90 degrees, k uniform in 1..3 when applied
+    'RandomCrop': {'size': None},           # PREPROC.CROP_SIZE (0: off)
+    'LargeScaleJitter': {'size': 1024, 'min_scale': 0.1, 'max_scale': 2.0},
+    'ColorJitter': {'brightness': 0.3, 'contrast': 0.3, 'saturation': 0.3, 'hue': 0.02},
+    'CopyPaste': {'prob': 0.5, 'drop_covered': 0.95},
+}
 
 config = AttrDict()
 _C = config
@@ -102,6 +114,11 @@ _C.PREPROC.PIXEL_STD = [57.375, 57.12, 58.395]
 _C.PREPROC.CROP_SIZE = 0        # >0: train on random CROP_SIZE x CROP_SIZE crops after resize
 _C.PREPROC.HORIZONTAL_FLIP = True
 _C.PREPROC.RESIZE_UINT8 = False  # True: round to uint8 before resizing, as tensorpack does
+# Training augmentation, applied in this order to the image, boxes, masks and crowd regions:
+# names of AUGMENTORS (above), each alone or as [name, {param: value}], e.g.
+# ['ResizeShortestEdge', 'HorizontalFlip', ['LargeScaleJitter', {'size': 512}], 'CopyPaste'].
+# The default is the recipe of the three keys above (README.md, "Augmentation").
+_C.PREPROC.AUGMENTATIONS = ['ResizeShortestEdge', 'HorizontalFlip', 'RandomCrop']
 
 # ---------------------------------------------------------------------------- RPN
 _C.RPN.ANCHOR_STRIDE = 16       # C4 only

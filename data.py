@@ -19,9 +19,9 @@ import os
 
 import numpy as np
 
-from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape, flip_boxes,
-                    flip_image, flip_polygons, polygons_to_box_frame_mask, random_crop,
-                    read_image, resize_shortest_edge, scale_boxes, scale_polygons)
+from augment import Sample, apply_augmentors, build_augmentors, full_mask_to_box_frame
+from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape,
+                    polygons_to_box_frame_mask, read_image)
 from config import config as cfg
 from dataset import DatasetError, DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
@@ -201,10 +201,14 @@ class TrainingDataPreprocessor:
     must not repeat each other).
     """
 
-    def __init__(self, seed=None, config=None):
+    def __init__(self, seed=None, config=None, paste_pool=None):
         """seed (int or None): augmentation seed; None draws one from the OS.
-        config: the (finalised) config tree to follow; default a copy of the global one."""
+        config: the (finalised) config tree to follow; default a copy of the global one.
+        paste_pool: roidbs that copy-paste (PREPROC.AUGMENTATIONS) takes instances from;
+        None: copy-paste is skipped."""
         self.cfg = copy.deepcopy(cfg if config is None else config)
+        self._augs = build_augmentors(self.cfg)
+        self._pool = paste_pool
         self._seed = seed
         self._owner_pid = os.getpid()
         self._rng, self._rng_pid = None, None
@@ -235,35 +239,36 @@ class TrainingDataPreprocessor:
                              roidb.get('file_name'))
         return None
 
-    def _process(self, roidb):
-        rng, c = self._get_rng(), self.cfg
-        pre = c.PREPROC
-        img = read_image(roidb['file_name'], pre.IMAGE_CHANNELS, pre.CHANNEL_ORDER)
+    def _read_sample(self, roidb):
+        """The roidb's image and instances, not augmented (an augment.Sample)."""
+        c = self.cfg
+        img = read_image(roidb['file_name'], c.PREPROC.IMAGE_CHANNELS, c.PREPROC.CHANNEL_ORDER)
         boxes, klass, is_crowd = _parse_annotations(roidb)
         segms = _instance_polygons(roidb, len(boxes)) if c.MODE_MASK else None
+        return Sample(img, boxes, is_crowd, klass, segms)
+
+    def _load_other(self, rng):
+        """A random pool image for copy-paste; None (no paste) if it cannot be read."""
+        roidb = self._pool[int(rng.integers(len(self._pool)))]
+        try:
+            return self._read_sample(roidb)
+        except ImageReadError as e:
+            logger.warning('No copy-paste from this image: %s', e)
+            return None
+
+    def _process(self, roidb):
+        rng, c = self._get_rng(), self.cfg
+        sample = self._read_sample(roidb)
         if c.MODE_MASK and roidb.get('segmentation') is None and not self._warned_no_masks:
             self._warned_no_masks = True
             logger.warning('"%s" has no segmentation: its gt_masks are full boxes (MODE_MASK '
                            'on detection-only data).', roidb['file_name'])
-
-        short = int(rng.integers(pre.TRAIN_SHORT_EDGE_SIZE[0], pre.TRAIN_SHORT_EDGE_SIZE[1] + 1))
-        img, (sy, sx) = resize_shortest_edge(img, short, pre.MAX_SIZE,
-                                             uint8=pre.RESIZE_UINT8)
-        boxes = scale_boxes(boxes, sy, sx)
-        if segms is not None:
-            segms = scale_polygons(segms, sy, sx)
-        if pre.HORIZONTAL_FLIP and rng.random() < 0.5:
-            width = img.shape[1]
-            img, boxes = flip_image(img), flip_boxes(boxes, width)
-            if segms is not None:
-                segms = flip_polygons(segms, width)
-        if pre.CROP_SIZE > 0:
-            img, boxes, segms = random_crop(img, boxes, is_crowd, segms, pre.CROP_SIZE, rng)
-        boxes = clip_boxes(boxes, img.shape)
-        keep = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
-        boxes, klass, is_crowd = boxes[keep], klass[keep], is_crowd[keep]
-        if segms is not None:
-            segms = [segms[i] for i in keep]
+        sample = apply_augmentors(self._augs, sample, rng,
+                                  self._load_other if self._pool else None)
+        sample.boxes = clip_boxes(sample.boxes, sample.img.shape)
+        boxes = sample.boxes
+        sample.keep(np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])))
+        img, boxes, klass, is_crowd = sample.img, sample.boxes, sample.klass, sample.is_crowd
 
         gt = np.flatnonzero(~is_crowd)
         if len(gt) == 0:
@@ -292,11 +297,15 @@ class TrainingDataPreprocessor:
         ret['gt_boxes'] = boxes[gt]
         ret['gt_labels'] = klass[gt]
         if c.MODE_MASK:
-            # Each mask is rasterised in its own box frame: N x M^2 bytes, never H x W.
+            # Each mask in its own box frame: N x M^2 bytes (full-image masks only after
+            # copy-paste, which needs pixels).
             size = c.MRCNN.GT_MASK_SIZE
             masks = np.zeros((len(gt), size, size), dtype=np.uint8)
             for k, i in enumerate(gt):
-                masks[k] = polygons_to_box_frame_mask(segms[i], boxes[i], size)
+                if sample.masks is not None:  # after copy-paste: full-image masks
+                    masks[k] = full_mask_to_box_frame(sample.masks[i], boxes[i], size)
+                else:
+                    masks[k] = polygons_to_box_frame_mask(sample.segms[i], boxes[i], size)
             ret['gt_masks'] = masks
         return ret
 
@@ -353,7 +362,11 @@ def get_train_dataflow(shard=None):
               else _training_roidbs(shard))
     release_freed_memory()  # what the main process freed, before the workers fork
     rank = shard[0] if shard is not None else 0
-    preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank)
+    # Copy-paste takes its instances from this rank's images.
+    pastes = any((a if isinstance(a, str) else a[0]) == 'CopyPaste'
+                 for a in cfg.PREPROC.AUGMENTATIONS)
+    preprocess = TrainingDataPreprocessor(seed=cfg.TRAIN.SEED + rank,
+                                          paste_pool=roidbs if pastes else None)
     ds = DataFromList(roidbs, shuffle=True)
     if workers > 0:
         warn_unless_msgpack(logger)

@@ -112,6 +112,13 @@ def test_finalize_derives_classes_and_format(fresh_cfg, toy_dataset):
     (['TRAINER=ddp'], 'TRAINER must be'),
     (['DATA.TRAIN=not_registered_anywhere'], 'DATA.TRAIN names dataset "not_registered_any'),
     (['DATA.VAL=cfgtest_trian'], 'Did you mean: cfgtest_train'),
+    (['PREPROC.AUGMENTATIONS=["HorizontalFlip","VerticalFlop"]'], 'Did you mean: VerticalFlip'),
+    (['PREPROC.AUGMENTATIONS=[["CopyPaste",{"drop_coverd":0.9}]]'],
+     'Did you mean: drop_covered'),
+    (['PREPROC.AUGMENTATIONS=[["VerticalFlip",{"prob":1.5}]]'], 'prob must be in [0, 1]'),
+    (['PREPROC.AUGMENTATIONS=[["Rotate90",{"prob":"high"}]]'], 'must be a number >= 0'),
+    (['PREPROC.AUGMENTATIONS=[["LargeScaleJitter",{"size":500}]]'], 'multiple of the largest'),
+    (['PREPROC.AUGMENTATIONS=[["ColorJitter"]]'], 'each item is a name or [name,'),
 ])
 def test_finalize_validation_errors(fresh_cfg, toy_dataset, args, message):
     cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train'] + args)
