@@ -206,12 +206,7 @@ def test_preprocessor_copy_paste_masks_follow_the_pixels(fresh_cfg, tmp_path):
     fresh_cfg.update_args(['PREPROC.TRAIN_SHORT_EDGE_SIZE=[90,120]', 'PREPROC.MAX_SIZE=200',
                            'MRCNN.GT_MASK_SIZE=28', 'PREPROC.AUGMENTATIONS=["ResizeShortestEdge",'
                            ' ["CopyPaste", {"prob": 1}], "HorizontalFlip"]'])
-    roidbs = []
-    for name, s in (('a', _scene()), ('b', _pasted_scene())):
-        path = str(tmp_path / (name + '.png'))
-        cv2.imwrite(path, s.img.astype(np.uint8))
-        roidbs.append({'file_name': path, 'boxes': s.boxes, 'class': s.klass,
-                       'is_crowd': s.is_crowd.astype(np.int8), 'segmentation': s.segms})
+    roidbs = _scene_roidbs(tmp_path)
     value = {1: 40, 2: 80, 3: 200}  # per class: a's triangle, a's rectangle, b's square
     pre = data.TrainingDataPreprocessor(seed=0, paste_pool=roidbs[1:])
     for _ in range(3):
@@ -227,6 +222,17 @@ def test_preprocessor_copy_paste_masks_follow_the_pixels(fresh_cfg, tmp_path):
             assert (near == mask.astype(bool)).mean() > 0.9, label
 
 
+def _scene_roidbs(folder):
+    """`_scene` and `_pasted_scene` written as PNGs in ``folder``: their two roidbs."""
+    roidbs = []
+    for name, s in (('a', _scene()), ('b', _pasted_scene())):
+        path = str(folder / (name + '.png'))
+        cv2.imwrite(path, s.img.astype(np.uint8))
+        roidbs.append({'file_name': path, 'boxes': s.boxes, 'class': s.klass,
+                       'is_crowd': s.is_crowd.astype(np.int8), 'segmentation': s.segms})
+    return roidbs
+
+
 def _pasted_scene():
     """One square of class 3 (value 200) over part of `_scene`'s rectangle."""
     p = np.float32([[50, 4], [78, 4], [78, 28], [50, 28]])
@@ -240,12 +246,7 @@ def test_train_dataflow_pastes_from_the_training_images(fresh_cfg, tmp_path):
     from dataset import DatasetRegistry
     from tests.tiny import ListSplit
     from utils.graph_inputs import input_names
-    roidbs = []
-    for name, s in (('a', _scene()), ('b', _pasted_scene())):
-        path = str(tmp_path / (name + '.png'))
-        cv2.imwrite(path, s.img.astype(np.uint8))
-        roidbs.append({'file_name': path, 'boxes': s.boxes, 'class': s.klass,
-                       'is_crowd': s.is_crowd.astype(np.int8), 'segmentation': s.segms})
+    roidbs = _scene_roidbs(tmp_path)
     DatasetRegistry.register('test_augment_paste', lambda: ListSplit(roidbs))
     fresh_cfg.update_args(['DATA.TRAIN=test_augment_paste', 'DATA.NUM_WORKERS=0',
                            'PREPROC.MAX_SIZE=200', 'MRCNN.GT_MASK_SIZE=28',

@@ -9,7 +9,6 @@ import pytest
 import tensorflow.compat.v1 as tf
 from tensorpack.tfutils.tower import TowerContext
 
-from config import config as cfg
 from modeling import backbone, model_box, model_fpn, model_rpn
 from utils import np_box_ops
 from utils.anchors import get_all_anchors_fpn

@@ -17,7 +17,6 @@ from tensorpack.utils import logger
 
 import eval as ev
 import viz
-from config import config as cfg
 from dataset import register_coco_json
 
 tf1 = tf.compat.v1
