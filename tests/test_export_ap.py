@@ -351,7 +351,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def demo_fp32_aps(demo):
-    """`export_and_compare` of the demo model in float32: about 5 minutes on 2 cores."""
+    """`export_and_compare` of the demo model in float32: 8 minutes on the shared 2 cores."""
     folder = os.path.join(demo['tmp'], 'fp32')
     os.makedirs(folder)
     return export_and_compare(folder, ['--load', demo['model']], demo['val'])
