@@ -205,9 +205,9 @@ def write_pruned_model(weights, output_dir, channels, gn_groups):
         the merged PRUNE.CHANNELS written.
     """
     from tensorpack.tfutils.varmanip import save_checkpoint_vars
-    from tensorpack.utils import logger
     os.makedirs(output_dir, exist_ok=True)
-    level = logger.getEffectiveLevel()
+    logger = logging.getLogger('tensorpack')
+    level = logger.level
     logger.setLevel(logging.WARNING)  # it would log every variable name
     try:
         save_checkpoint_vars(weights, os.path.join(output_dir, 'model-0'))
