@@ -105,6 +105,7 @@ def _slice_space(weights, space, keep, width):
         axis = _in_axis(name, kernel)
         # an FC layer after RoIAlign reads C x S x S inputs flattened channel-major (NCHW)
         repeat = kernel.shape[axis] // width
+        assert repeat * width == kernel.shape[axis], (name, kernel.shape, width)
         rows = (keep[:, None] * repeat + np.arange(repeat)).ravel()
         weights[name + '/W'] = _slice(kernel, axis, rows)
 
