@@ -3,7 +3,9 @@
 ``add_config_arguments`` declares ``--config-file`` and ``--config``; ``setup_config``
 registers the datasets and applies them in that order, then finalises the tree.
 ``USER_ERRORS`` are the exceptions an entry point reports as one "Error: ..." line.
-train.py, predict.py and the bench scripts use them; a user's own script can too.
+``training_config_file`` / ``pruned_model_config`` find the config.yaml that comes with
+``--load`` weights. train.py, predict.py, prune.py and the bench scripts use them; a user's
+own script can too.
 Only entry points import this module.
 """
 import utils.compat  # noqa: F401  (before anything imports TensorFlow)
@@ -11,11 +13,12 @@ import utils.compat  # noqa: F401  (before anything imports TensorFlow)
 import os
 
 from common import ImageReadError
-from config import ConfigError, config as cfg, finalize_configs, legacy_values
+from config import ConfigError, config as cfg, finalize_configs, legacy_values, prune_values
 from dataset import DatasetError, DatasetRegistry, DatasetRegistryError, register_builtin_datasets
 from utils.training import TrainingDiverged, UserInputError
 
-__all__ = ['USER_ERRORS', 'add_config_arguments', 'setup_config']
+__all__ = ['USER_ERRORS', 'add_config_arguments', 'setup_config', 'training_config_file',
+           'pruned_model_config']
 
 # What an entry point reports as one "Error: ..." line instead of a traceback.
 USER_ERRORS = (UserInputError, TrainingDiverged, ConfigError, DatasetRegistryError,
@@ -41,11 +44,13 @@ def setup_config(args, is_training, num_gpus=None, run_config=None):
             missing file: a new run). Keys it lacks (it was written before they existed)
             first get the value that keeps the old behaviour (``config.LEGACY_VALUES``,
             e.g. the old anchor layout); --config-file and --config still override them.
+            Its PRUNE keys (a pruned model's layer widths) apply too, so a --config-file of
+            the unpruned model still builds the layers its weights fit.
     Raises:
         ConfigError: naming the offending key.
     """
     if run_config and os.path.isfile(run_config):
-        for key, value in legacy_values(run_config).items():
+        for key, value in dict(legacy_values(run_config), **prune_values(run_config)).items():
             cfg.set_value(key, value)
     if args.config_file:
         cfg.load_yaml(args.config_file)
@@ -53,3 +58,18 @@ def setup_config(args, is_training, num_gpus=None, run_config=None):
     register_builtin_datasets(os.path.expanduser(cfg.DATA.BASEDIR), cfg.DATA.COCO_JSON_SPLITS,
                               cfg.DATA.TRAIN, cfg.DATA.DROP_UNUSED_CATEGORIES)
     finalize_configs(is_training=is_training, num_gpus=num_gpus, registry=DatasetRegistry)
+
+
+def training_config_file(load):
+    """The config.yaml that train.py (or prune.py) wrote next to the checkpoint ``load``,
+    or None."""
+    folder = load if os.path.isdir(load) else os.path.dirname(load)
+    path = os.path.join(folder, 'config.yaml')
+    return path if os.path.isfile(path) else None
+
+
+def pruned_model_config(load):
+    """The config.yaml of ``load`` when it is a pruned model (prune.py's output: its layer
+    widths differ from the config keys'), else None."""
+    path = training_config_file(load) if load else None
+    return path if path and prune_values(path) else None

@@ -13,7 +13,7 @@ from config_defaults import LEGACY_VALUES, config
 from config_tree import ConfigError, parse_value, read_yaml_leaves
 
 __all__ = ['config', 'cfg', 'finalize_configs', 'ConfigError', 'parse_value',
-           'default_data_format', 'legacy_values', 'LEGACY_VALUES']
+           'default_data_format', 'legacy_values', 'LEGACY_VALUES', 'prune_values']
 
 cfg = _C = config
 
@@ -92,6 +92,24 @@ def _check_augmentations(stride):
                           key, stride, lsj))
 
 
+def _check_prune():
+    """PRUNE.CHANNELS and PRUNE.GN_GROUPS: {layer name: positive int}."""
+    for key in ('CHANNELS', 'GN_GROUPS'):
+        mapping = getattr(_C.PRUNE, key)
+        if not isinstance(mapping, dict):
+            _fail('PRUNE.{} must be a mapping {{layer name: int}}, got {!r}.'.format(key, mapping))
+        for name, value in mapping.items():
+            if not isinstance(name, str) or isinstance(value, bool) or \
+                    not isinstance(value, int) or value < 1:
+                _fail('PRUNE.{}: {!r}: {!r} must be a layer name and a positive int.'.format(
+                    key, name, value))
+    for name, groups in _C.PRUNE.GN_GROUPS.items():
+        width = _C.PRUNE.CHANNELS.get(name.rsplit('/', 1)[0])
+        if width is not None and name.endswith('/gn') and width % groups:
+            _fail('PRUNE.GN_GROUPS: {} has {} groups, which do not divide its {} channels '
+                  '(PRUNE.CHANNELS).'.format(name, groups, width))
+
+
 def _validate():
     """Check values and combinations of keys; every message names the keys involved."""
     C = _C
@@ -127,6 +145,7 @@ def _validate():
         _fail('PREPROC.CROP_SIZE={} must be a multiple of the largest stride {}.'.format(
             C.PREPROC.CROP_SIZE, stride))
     _check_augmentations(stride)
+    _check_prune()
     if C.PREPROC.MAX_SIZE < stride:
         _fail('PREPROC.MAX_SIZE={} is smaller than the largest stride {}.'.format(
             C.PREPROC.MAX_SIZE, stride))
@@ -168,6 +187,13 @@ def legacy_values(run_config_path):
     """{key: old value} for the ``LEGACY_VALUES`` keys a run's config.yaml lacks."""
     present = read_yaml_leaves(run_config_path)
     return {k: v for k, v in LEGACY_VALUES.items() if k not in present}
+
+
+def prune_values(run_config_path):
+    """{key: value} of the PRUNE keys a run's config.yaml sets: the layer widths its
+    weights have (empty for a model that was never pruned)."""
+    present = read_yaml_leaves(run_config_path, _C.mapping_keys())
+    return {k: v for k, v in present.items() if k.startswith('PRUNE.') and v}
 
 
 def default_data_format(num_gpus):

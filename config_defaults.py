@@ -198,6 +198,15 @@ _C.TEST.ISOTROPIC_SCALE_BACK = False
 # edges (runs saved before this key existed).
 _C.TEST.MASK_PASTE = 'zeros'
 
+# ---------------------------------------------------------------------------- pruning
+# Written by prune.py into a pruned model's config.yaml; the model builders read them
+# (modeling/widths.py). CHANNELS: {layer name: output channels}, e.g.
+# {'group1/block0/conv1': 96, 'fpn/lateral_1x1_c2': 48}; a layer not named keeps the width
+# its own key gives (FPN.NUM_CHANNEL, ...). GN_GROUPS: {GroupNorm layer name: groups}, e.g.
+# {'fpn/gn_c2': 24}, where pruning left a count the default 32 groups do not divide.
+_C.PRUNE.CHANNELS = {}
+_C.PRUNE.GN_GROUPS = {}
+
 # Keys added with a new default behaviour, and the behaviour the code had before them. A
 # run's config.yaml (a full dump) that lacks one was trained and evaluated that old way.
 LEGACY_VALUES = {'RPN.ANCHOR_OFFSET': 0.5, 'BACKBONE.C4_PAD_INPUT': True,

@@ -174,9 +174,17 @@ class AttrDict:
             key, _, text = arg.partition('=')
             self.set_value(key.strip(), parse_value(text.strip()))
 
+    def mapping_keys(self):
+        """The dotted keys whose value is a mapping (a dict default, e.g. PRUNE.CHANNELS):
+        YAML holds them as nested mappings, but each is one value."""
+        def value(key):
+            node, leaf = self._node_and_leaf(key)
+            return node.__dict__[leaf]
+        return [k for k in self.flat_keys() if isinstance(value(k), dict)]
+
     def load_yaml(self, path):
         """Apply every leaf of a YAML file (as written by ``save_yaml``)."""
-        for key, value in read_yaml_leaves(path).items():
+        for key, value in read_yaml_leaves(path, self.mapping_keys()).items():
             self.set_value(key, value)
 
     def save_yaml(self, path):
@@ -192,8 +200,9 @@ class AttrDict:
             yaml.safe_dump(tree, f, default_flow_style=None, sort_keys=False)
 
 
-def read_yaml_leaves(path):
-    """A YAML config file -> {dotted key: value} of its leaves (ConfigError if unreadable)."""
+def read_yaml_leaves(path, mapping_keys=()):
+    """A YAML config file -> {dotted key: value} of its leaves (ConfigError if unreadable);
+    a key of ``mapping_keys`` is one leaf holding its whole mapping."""
     if not os.path.isfile(path):
         raise ConfigError('Config file "{}" does not exist.'.format(path))
     with open(path) as f:
@@ -208,7 +217,7 @@ def read_yaml_leaves(path):
 
     def walk(d, prefix):
         for k, v in d.items():
-            if isinstance(v, dict):
+            if isinstance(v, dict) and prefix + str(k) not in mapping_keys:
                 walk(v, prefix + str(k) + '.')
             else:
                 leaves[prefix + str(k)] = v

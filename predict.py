@@ -34,7 +34,7 @@ import json
 import os
 import sys
 
-from cli import USER_ERRORS, add_config_arguments, setup_config
+from cli import USER_ERRORS, add_config_arguments, setup_config, training_config_file
 from config import config as cfg
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -298,13 +298,6 @@ def run_visualize(args, weights):
         out = os.path.join(args.output, 'viz-{:03d}.png'.format(i))
         cv2.imwrite(out, panel)
         print('{} -> {}'.format(roidb['file_name'], out))
-
-
-def training_config_file(load):
-    """The config.yaml that train.py wrote next to the checkpoint ``load``, or None."""
-    folder = load if os.path.isdir(load) else os.path.dirname(load)
-    path = os.path.join(folder, 'config.yaml')
-    return path if os.path.isfile(path) else None
 
 
 def main(args):

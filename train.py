@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from cli import USER_ERRORS, add_config_arguments, setup_config
+from cli import USER_ERRORS, add_config_arguments, pruned_model_config, setup_config
 from config import config as cfg
 
 
@@ -21,7 +21,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--logdir', default='train_log/maskrcnn',
                    help='log and checkpoint directory; an existing one is resumed, never deleted')
-    p.add_argument('--load', help='initial weights: an .npz file or a TF checkpoint')
+    p.add_argument('--load', help='initial weights: an .npz file or a TF checkpoint; a pruned '
+                                  'model (prune.py\'s output folder) brings its config along')
     p.add_argument('--load-skip', default='',
                    help='regex of variable names NOT to load from --load (e.g. "fastrcnn/")')
     add_config_arguments(p)
@@ -97,7 +98,14 @@ def train(args):
     Raises:
         one of cli.USER_ERRORS on input the user can fix, or TrainingDiverged.
     """
-    setup_config(args, is_training=True, run_config=os.path.join(args.logdir, 'config.yaml'))
+    run_config = os.path.join(args.logdir, 'config.yaml')
+    pruned = None if os.path.isfile(run_config) else pruned_model_config(args.load)
+    if pruned:  # a new run from a pruned model: its layer widths (and config) come with it
+        run_config = pruned
+        if args.config_file is None:
+            args.config_file = pruned
+            print('train.py: using the pruned model\'s config {}'.format(pruned))
+    setup_config(args, is_training=True, run_config=run_config)
 
     import tensorflow as tf
     from tensorpack import logger

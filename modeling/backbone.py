@@ -26,9 +26,11 @@ from config import config as cfg
 from config_defaults import DEPTHS, TRAINABLE_LAYERS
 from utils.compat import frozen_variable_getter
 
+from .widths import gn_groups, layer_width
+
 __all__ = ['GroupNorm', 'num_blocks_for_depth', 'block_func_for_depth', 'num_frozen_stages',
            'backbone_scope', 'resnet_c4_backbone', 'resnet_conv5', 'resnet_fpn_backbone',
-           'channel_axis', 'feature_data_format']
+           'feature_data_format']
 
 # Stages frozen by each BACKBONE.TRAINABLE value (config_defaults.TRAINABLE_LAYERS, in
 # order): 'all' none, '3+' stem + res2, ..., 'heads' all 5 (stem + res2..res5).
@@ -43,12 +45,14 @@ def GroupNorm(x, group=32, gamma_initializer=tf.ones_initializer(),
     """Group Normalization (Wu & He, 2018) of a 4D tensor.
 
     Args:
-        x: [N, H, W, C] (NHWC) or [N, C, H, W] (NCHW); C static and divisible by ``group``.
+        x: [N, H, W, C] (NHWC) or [N, C, H, W] (NCHW); C static and divisible by ``group``
+            (a pruned model's PRUNE.GN_GROUPS of this layer replaces ``group``).
     Returns:
         same shape. Variables: ``gamma``, ``beta`` of shape [C].
     """
     data_format = get_data_format(data_format, keras_mode=False)
     axis = 1 if data_format == 'NCHW' else 3
+    group = gn_groups(group)
     chan = x.shape.as_list()[axis]
     assert chan is not None and chan % group == 0, (chan, group)
     shape = tf.shape(x)
@@ -93,11 +97,6 @@ def num_frozen_stages(freeze_at=None, trainable=None):
     freeze_at = cfg.BACKBONE.FREEZE_AT if freeze_at is None else freeze_at
     trainable = cfg.BACKBONE.TRAINABLE if trainable is None else trainable
     return max(freeze_at, FROZEN_STAGES_BY_TRAINABLE[trainable])
-
-
-def channel_axis():
-    """The channel axis of feature maps in cfg.BACKBONE.DATA_FORMAT."""
-    return 1 if feature_data_format() == 'NCHW' else 3
 
 
 def feature_data_format():
@@ -157,46 +156,54 @@ def _pad(x, before, after):
 
 
 def _conv3x3(name, x, channels, stride, activation):
+    channels = layer_width(name, channels)
     if stride == 1:
         return Conv2D(name, x, channels, 3, activation=activation)
     return Conv2D(name, _pad(x, 1, 0), channels, 3, strides=stride, padding='VALID',
                   activation=activation)
 
 
-def _shortcut(x, out_channels, stride):
-    if x.shape.as_list()[channel_axis()] == out_channels and stride == 1:
+def _shortcut(x, out_channels, stride, project):
+    """The identity, or with ``project`` a 1x1 conv (first block of a group): decided by
+    the architecture, not by the widths, which pruning may make equal."""
+    if not project:
         return x
     if stride == 2:
         # An odd side n gives ceil(n / 2) here but floor(n / 2) in the residual branch
         # (unpadded C4 input): drop the last row/column, as tensorpack does. For even n the
         # 1x1 stride-2 conv never reads it, so this changes nothing.
         x = x[:, :, :-1, :-1] if feature_data_format() == 'NCHW' else x[:, :-1, :-1, :]
-    return Conv2D('convshortcut', x, out_channels, 1, strides=stride, padding='VALID',
-                  activation=_norm)
+    return Conv2D('convshortcut', x, layer_width('convshortcut', out_channels), 1,
+                  strides=stride, padding='VALID', activation=_norm)
 
 
-def basic_block(x, channels, stride):
-    """Two 3x3 convs (ResNet-18/34). [1, Cin, H, W] -> [1, channels, H/stride, W/stride]."""
+def basic_block(x, channels, stride, first):
+    """Two 3x3 convs (ResNet-18/34); the shortcut is a 1x1 conv in the ``first`` block of
+    a strided group. [1, Cin, H, W] -> [1, channels, H/stride, W/stride] (channels:
+    PRUNE.CHANNELS of conv2 in a pruned model, as every width below)."""
     shortcut = x
     x = _conv3x3('conv1', x, channels, stride, _norm_relu)
-    x = Conv2D('conv2', x, channels, 3, activation=lambda t: _norm(t, zero_init=True))
-    return tf.nn.relu(x + _shortcut(shortcut, channels, stride))
+    x = Conv2D('conv2', x, layer_width('conv2', channels), 3,
+               activation=lambda t: _norm(t, zero_init=True))
+    return tf.nn.relu(x + _shortcut(shortcut, channels, stride, project=first and stride != 1))
 
 
-def bottleneck_block(x, channels, stride):
+def bottleneck_block(x, channels, stride, first):
     """1x1, 3x3, 1x1 (ResNet-50/101); the stride sits in the 1x1 conv with
-    cfg.BACKBONE.STRIDE_1X1 (Caffe weights), else in the 3x3.
-    [1, Cin, H, W] -> [1, 4 * channels, H/stride, W/stride]."""
+    cfg.BACKBONE.STRIDE_1X1 (Caffe weights), else in the 3x3. ``first``: the group's first
+    block, whose shortcut is a 1x1 conv. [1, Cin, H, W] -> [1, 4 * channels, H/stride,
+    W/stride] (channels: PRUNE.CHANNELS of conv3 in a pruned model, as every width below)."""
     shortcut = x
     if cfg.BACKBONE.STRIDE_1X1:
-        x = Conv2D('conv1', x, channels, 1, strides=stride, padding='VALID',
-                   activation=_norm_relu)
-        x = Conv2D('conv2', x, channels, 3, activation=_norm_relu)
+        x = Conv2D('conv1', x, layer_width('conv1', channels), 1, strides=stride,
+                   padding='VALID', activation=_norm_relu)
+        x = Conv2D('conv2', x, layer_width('conv2', channels), 3, activation=_norm_relu)
     else:
-        x = Conv2D('conv1', x, channels, 1, activation=_norm_relu)
+        x = Conv2D('conv1', x, layer_width('conv1', channels), 1, activation=_norm_relu)
         x = _conv3x3('conv2', x, channels, stride, _norm_relu)
-    x = Conv2D('conv3', x, channels * 4, 1, activation=lambda t: _norm(t, zero_init=True))
-    return tf.nn.relu(x + _shortcut(shortcut, channels * 4, stride))
+    x = Conv2D('conv3', x, layer_width('conv3', channels * 4), 1,
+               activation=lambda t: _norm(t, zero_init=True))
+    return tf.nn.relu(x + _shortcut(shortcut, channels * 4, stride, project=first))
 
 
 def resnet_group(name, x, block_func, channels, count, stride):
@@ -204,7 +211,7 @@ def resnet_group(name, x, block_func, channels, count, stride):
     with tf.variable_scope(name):
         for i in range(count):
             with tf.variable_scope('block{}'.format(i)):
-                x = block_func(x, channels, stride if i == 0 else 1)
+                x = block_func(x, channels, stride if i == 0 else 1, first=i == 0)
     return x
 
 
@@ -216,8 +223,8 @@ def _resnet_stages(image, num_blocks, num_groups, train_conv0):
     cut_gradient = not train_conv0
 
     with backbone_scope(freeze=num_frozen >= 1 and not train_conv0):
-        x = Conv2D('conv0', _pad(image, 3, 2), 64, 7, strides=2, padding='VALID',
-                   activation=_norm_relu)
+        x = Conv2D('conv0', _pad(image, 3, 2), layer_width('conv0', 64), 7, strides=2,
+                   padding='VALID', activation=_norm_relu)
         x = MaxPooling('pool0', _pad(x, 1, 0), 3, strides=2, padding='VALID')
     if num_frozen >= 1 and cut_gradient:
         x = tf.stop_gradient(x)

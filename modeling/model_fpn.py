@@ -15,6 +15,7 @@ from config import config as cfg
 from modeling.backbone import GroupNorm, feature_data_format
 from modeling.model_box import roi_align
 from modeling.model_rpn import generate_rpn_proposals, rpn_losses
+from modeling.widths import layer_width
 
 __all__ = ['fpn_model', 'fpn_map_rois_to_levels', 'multilevel_roi_align',
            'multilevel_rpn_losses', 'generate_fpn_proposals']
@@ -38,7 +39,8 @@ def fpn_model(name, features):
         name (str): variable scope, 'fpn' in the model zoo.
         features: [C2, C3, C4, C5] backbone features of strides 4, 8, 16, 32.
     Returns:
-        [P2, P3, P4, P5, P6], each cfg.FPN.NUM_CHANNEL channels, strides 4 .. 64; P6 is
+        [P2, P3, P4, P5, P6], each cfg.FPN.NUM_CHANNEL channels (a pruned model: the
+        PRUNE.CHANNELS of the posthoc convs, all equal), strides 4 .. 64; P6 is
         P5 subsampled (1x1 max pool, stride 2), used by the RPN only.
     Variables: ``{name}/lateral_1x1_c{2..5}``, ``{name}/posthoc_3x3_p{2..5}`` and with
     cfg.FPN.NORM='GN' ``{name}/gn_c{2..5}``, ``{name}/gn_p{2..5}`` (model-zoo names).
@@ -51,16 +53,16 @@ def fpn_model(name, features):
             argscope(Conv2D, data_format=fmt, use_bias=True, activation=None,
                      kernel_initializer=tf.variance_scaling_initializer(scale=1.)), \
             argscope(GroupNorm, data_format=fmt):
-        lateral = [Conv2D('lateral_1x1_c{}'.format(i + 2), c, num_channel, 1)
-                   for i, c in enumerate(features)]
+        names = ['lateral_1x1_c{}'.format(i + 2) for i in range(4)]
+        lateral = [Conv2D(n, c, layer_width(n, num_channel), 1) for n, c in zip(names, features)]
         if use_gn:
             lateral = [GroupNorm('gn_c{}'.format(i + 2), c) for i, c in enumerate(lateral)]
         merged = [lateral[-1]]  # P5, then P4, P3, P2 (top-down)
         for lat in lateral[-2::-1]:
             merged.append(lat + _upsample2x(merged[-1], lat))
         merged = merged[::-1]
-        outputs = [Conv2D('posthoc_3x3_p{}'.format(i + 2), m, num_channel, 3)
-                   for i, m in enumerate(merged)]
+        names = ['posthoc_3x3_p{}'.format(i + 2) for i in range(4)]
+        outputs = [Conv2D(n, m, layer_width(n, num_channel), 3) for n, m in zip(names, merged)]
         if use_gn:
             outputs = [GroupNorm('gn_p{}'.format(i + 2), p) for i, p in enumerate(outputs)]
         # P6 = 1x1 max pool with stride 2 (ceil(h / 2) cells), i.e. every other cell: a

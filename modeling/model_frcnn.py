@@ -18,6 +18,7 @@ from config_defaults import FRCNN_HEAD_FUNCS
 
 from .backbone import GroupNorm
 from .model_box import decode_bbox_target, encode_bbox_target, pairwise_iou
+from .widths import layer_width
 
 __all__ = ['GT_MATCH_CHUNK', 'best_gt_match', 'sample_fast_rcnn_targets', 'match_boxes_to_gt',
            'BoxProposals', 'fastrcnn_outputs', 'fastrcnn_losses', 'FastRCNNHead',
@@ -355,13 +356,15 @@ def fastrcnn_2fc_head(feature):
     Args:
         feature: float32 RoI features [K, S, S, Ch] or [K, Ch, S, S] (BACKBONE.DATA_FORMAT).
     Returns:
-        float32 [K, FPN.FRCNN_FC_HEAD_DIM].
+        float32 [K, FPN.FRCNN_FC_HEAD_DIM] (a pruned model: fc7's PRUNE.CHANNELS).
     """
     dim = cfg.FPN.FRCNN_FC_HEAD_DIM
     init = tf.variance_scaling_initializer()
     hidden = _flatten_nchw(feature, cfg.BACKBONE.DATA_FORMAT)
-    hidden = FullyConnected('fc6', hidden, dim, kernel_initializer=init, activation=tf.nn.relu)
-    return FullyConnected('fc7', hidden, dim, kernel_initializer=init, activation=tf.nn.relu)
+    hidden = FullyConnected('fc6', hidden, layer_width('fc6', dim), kernel_initializer=init,
+                            activation=tf.nn.relu)
+    return FullyConnected('fc7', hidden, layer_width('fc7', dim), kernel_initializer=init,
+                          activation=tf.nn.relu)
 
 
 @layer_register(log_shape=True)
@@ -375,7 +378,7 @@ def fastrcnn_Xconv1fc_head(feature, num_convs, norm=None):
         num_convs (int): conv layers of FPN.FRCNN_CONV_HEAD_DIM channels.
         norm (str or None): None or 'GN'.
     Returns:
-        float32 [K, FPN.FRCNN_FC_HEAD_DIM].
+        float32 [K, FPN.FRCNN_FC_HEAD_DIM] (a pruned model: fc's PRUNE.CHANNELS).
     """
     assert norm in (None, 'GN'), norm
     data_format = cfg.BACKBONE.DATA_FORMAT
@@ -386,11 +389,13 @@ def fastrcnn_Xconv1fc_head(feature, num_convs, norm=None):
     with argscope([Conv2D, GroupNorm], data_format=data_format), \
             argscope(Conv2D, kernel_initializer=init):
         for k in range(num_convs):
-            hidden = Conv2D('conv{}'.format(k), hidden, cfg.FPN.FRCNN_CONV_HEAD_DIM, 3,
+            name = 'conv{}'.format(k)
+            hidden = Conv2D(name, hidden, layer_width(name, cfg.FPN.FRCNN_CONV_HEAD_DIM), 3,
                             activation=tf.nn.relu)
             if norm is not None:
                 hidden = GroupNorm('gn{}'.format(k), hidden)
-    return FullyConnected('fc', _flatten_nchw(hidden, data_format), cfg.FPN.FRCNN_FC_HEAD_DIM,
+    return FullyConnected('fc', _flatten_nchw(hidden, data_format),
+                          layer_width('fc', cfg.FPN.FRCNN_FC_HEAD_DIM),
                           kernel_initializer=tf.variance_scaling_initializer(),
                           activation=tf.nn.relu)
 

@@ -16,6 +16,7 @@ from config_defaults import MRCNN_HEAD_FUNCS
 
 from .backbone import GroupNorm
 from .model_box import crop_and_resize_aligned
+from .widths import layer_width
 
 __all__ = ['maskrcnn_loss', 'maskrcnn_upXconv_head', 'maskrcnn_up4conv_head',
            'maskrcnn_up4conv_gn_head', 'crop_gt_masks', 'HEAD_FUNCS']
@@ -60,7 +61,7 @@ def maskrcnn_upXconv_head(feature, num_category, num_convs, norm=None):
     Args:
         feature: float32 [K, S, S, Ch] or [K, Ch, S, S] (BACKBONE.DATA_FORMAT); S = 14 (FPN).
         num_category (int): C.
-        num_convs (int): conv layers of MRCNN.HEAD_DIM channels.
+        num_convs (int): conv layers of MRCNN.HEAD_DIM channels (PRUNE.CHANNELS if pruned).
         norm (str or None): None or 'GN'.
     Returns:
         float32 [K, C, 2S, 2S] mask logits (NCHW order in both layouts).
@@ -74,12 +75,13 @@ def maskrcnn_upXconv_head(feature, num_category, num_convs, norm=None):
     with argscope([Conv2D, Conv2DTranspose, GroupNorm], data_format=data_format), \
             argscope([Conv2D, Conv2DTranspose], kernel_initializer=init):
         for k in range(num_convs):
-            hidden = Conv2D('fcn{}'.format(k), hidden, cfg.MRCNN.HEAD_DIM, 3,
+            name = 'fcn{}'.format(k)
+            hidden = Conv2D(name, hidden, layer_width(name, cfg.MRCNN.HEAD_DIM), 3,
                             activation=tf.nn.relu)
             if norm is not None:
                 hidden = GroupNorm('gn{}'.format(k), hidden)
-        hidden = Conv2DTranspose('deconv', hidden, cfg.MRCNN.HEAD_DIM, 2, strides=2,
-                                 activation=tf.nn.relu)
+        hidden = Conv2DTranspose('deconv', hidden, layer_width('deconv', cfg.MRCNN.HEAD_DIM), 2,
+                                 strides=2, activation=tf.nn.relu)
         logits = Conv2D('conv', hidden, num_category, 1,
                         kernel_initializer=tf.random_normal_initializer(stddev=0.001))
     if data_format == 'NHWC':

@@ -15,6 +15,7 @@ from tensorpack.tfutils.summary import add_moving_summary
 from config import config as cfg
 from modeling.backbone import feature_data_format
 from modeling.model_box import clip_boxes, decode_bbox_target, encode_bbox_target
+from modeling.widths import layer_width
 
 __all__ = ['rpn_head', 'rpn_losses', 'generate_rpn_proposals', 'RPNAnchors']
 
@@ -24,7 +25,7 @@ def rpn_head(name, featuremap, channel, num_anchors):
 
     Args:
         featuremap: [1, C, h, w] or [1, h, w, C] (cfg.BACKBONE.DATA_FORMAT).
-        channel (int): channels of the 3x3 conv.
+        channel (int): channels of the 3x3 conv (a pruned model: its PRUNE.CHANNELS).
         num_anchors (int): A.
     Returns:
         label_logits: float32 [h, w, A] objectness logits.
@@ -35,7 +36,8 @@ def rpn_head(name, featuremap, channel, num_anchors):
     with tf.variable_scope(name, reuse=tf.AUTO_REUSE), \
             argscope(Conv2D, data_format=data_format, use_bias=True,
                      kernel_initializer=tf.random_normal_initializer(stddev=0.01)):
-        hidden = Conv2D('conv0', featuremap, channel, 3, activation=tf.nn.relu)
+        hidden = Conv2D('conv0', featuremap, layer_width('conv0', channel), 3,
+                        activation=tf.nn.relu)
         label_logits = Conv2D('class', hidden, num_anchors, 1)
         box_logits = Conv2D('box', hidden, 4 * num_anchors, 1)
         if data_format == 'NCHW':

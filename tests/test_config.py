@@ -119,6 +119,11 @@ def test_finalize_derives_classes_and_format(fresh_cfg, toy_dataset):
     (['PREPROC.AUGMENTATIONS=[["Rotate90",{"prob":"high"}]]'], 'must be a number >= 0'),
     (['PREPROC.AUGMENTATIONS=[["LargeScaleJitter",{"size":500}]]'], 'multiple of the largest'),
     (['PREPROC.AUGMENTATIONS=[["ColorJitter"]]'], 'each item is a name or [name,'),
+    (['PRUNE.CHANNELS=[("conv0",32)]'], 'PRUNE.CHANNELS must be a mapping'),
+    (['PRUNE.CHANNELS={"conv0":0}'], "'conv0': 0 must be a layer name and a positive int"),
+    (['PRUNE.GN_GROUPS={"fpn/gn_c2":2.5}'], 'must be a layer name and a positive int'),
+    (['PRUNE.CHANNELS={"conv0":24}', 'PRUNE.GN_GROUPS={"conv0/gn":16}'],
+     'conv0/gn has 16 groups, which do not divide its 24 channels'),
 ])
 def test_finalize_validation_errors(fresh_cfg, toy_dataset, args, message):
     cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train'] + args)
@@ -155,6 +160,17 @@ def test_yaml_round_trip(fresh_cfg, tmp_path):
     cfg.load_yaml(path)
     assert cfg.to_dict() == saved
     assert cfg.DATA.VAL == ('a', 'b') and cfg.TRAIN.BASE_LR == 0.123
+
+
+def test_yaml_mapping_keys_round_trip_whole(fresh_cfg, tmp_path):
+    """PRUNE.CHANNELS is one value (a mapping of layer names), not a sub-tree of keys."""
+    widths = {'group0/block0/conv1': 48, 'fpn/posthoc_3x3_p2': 32}
+    cfg.set_value('PRUNE.CHANNELS', widths)
+    path = str(tmp_path / 'c.yaml')
+    cfg.save_yaml(path)
+    cfg.set_value('PRUNE.CHANNELS', {})
+    cfg.load_yaml(path)
+    assert cfg.PRUNE.CHANNELS == widths and 'PRUNE.CHANNELS' in cfg.mapping_keys()
 
 
 def test_yaml_keeps_machine_derived_data_format_auto(fresh_cfg, toy_dataset, tmp_path):

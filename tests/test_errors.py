@@ -26,6 +26,8 @@ UNKNOWN_DATASET = (['--config', 'DATA.TRAIN=nope', 'DATA.VAL=[]'], r'"?nope"?.*n
 ENTRY_POINTS = {  # name -> (command, the cases it supports)
     'predict.py': (['predict.py', '--load', '/nonexistent/ckpt', '--predict', ROOT],
                    [BAD_KEY, BAD_TYPE, MISSING_FILE, UNKNOWN_DATASET]),
+    'prune.py': (['prune.py', '--load', '/nonexistent/ckpt', '--threshold', '0.5', '--output',
+                  '/tmp/never-written'], [BAD_KEY, BAD_TYPE, MISSING_FILE, UNKNOWN_DATASET]),
     'dataset.check': (['-m', 'dataset.check', '--output-dir', '/tmp'],
                       [BAD_KEY, BAD_TYPE, (['--config', 'DATA.COCO_JSON_SPLITS=[["x", '
                                             '"/nonexistent/a.json", "/tmp"]]'],

@@ -27,6 +27,9 @@ from config import config as cfg
 
 # Set to a path prefix to make every rank write <prefix>.rank<k>.npz after training (tests).
 DUMP_WEIGHTS_ENV = 'RCNN_TEST_DUMP_WEIGHTS'
+# Variables of the training run, not of the model: optimizer slots, the step, the LR and
+# the moving averages of the logged losses. Never loaded as weights, never pruned.
+TRAINING_STATE = re.compile(r'(Momentum|global_step|AccumGrad|learning_rate|^EMA/)')
 
 
 class UserInputError(Exception):
@@ -187,7 +190,7 @@ class WeightsLoader(SessionInit):
         self.loaded = []
         for var in tf.compat.v1.global_variables():
             name = var.op.name
-            if re.search(r'(Momentum|global_step|AccumGrad|learning_rate|^EMA/)', name):
+            if TRAINING_STATE.search(name):
                 continue
             if self.skip_regex is not None and self.skip_regex.search(name):
                 skipped['matched --load-skip'].append(name)

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Prune a trained model: drop the output channels of small norm, write a narrower model.
+
+    python prune.py --load train_log/demo --threshold 0.3 --output pruned/demo_t03
+    python prune.py --load train_log/demo --threshold 0.5 --output pruned/x \\
+        --equalization arithmetic_mean --exclude '^fpn/' --granularity 16
+    python train.py --load pruned/demo_t03 --logdir train_log/demo_t03 \\
+        --config TRAIN.WEIGHT_DECAY=0. 'TRAIN.LR_SCHEDULE=[450,550,600]'
+
+Every conv / FC layer's output channels are scored by their kernel's L2 norm over the
+layer's largest (pruning.py; layers whose outputs are added share one channel set,
+modeling/channel_spaces.py); channels scoring at least --threshold stay, rounded up to a
+multiple of --granularity and to at least --min-channels. The RPN's and the heads' class /
+box outputs and the mask predictor are never pruned; --exclude keeps more layers whole.
+
+--output gets the pruned weights (a checkpoint: ``--load OUTPUT`` reads it) and its
+config.yaml: the model's config (the one next to --load, unless --config-file is given)
+with PRUNE.CHANNELS, the new layer widths, which the model builders read. train.py --load
+OUTPUT retrains it (weight decay off, as TAO advises: TRAIN.WEIGHT_DECAY=0.), predict.py
+--load OUTPUT predicts, evaluates and exports it. A table per stage gives the channels,
+parameters and FLOPs (at PREPROC.TEST_SHORT_EDGE_SIZE x PREPROC.MAX_SIZE) before and after.
+
+Exit status: 1 with one "Error: ..." line for a bad argument, config, --load path or a
+non-empty --output.
+"""
+import utils.compat  # noqa: F401  (must come before TensorFlow)
+
+import argparse
+import os
+import sys
+
+from cli import USER_ERRORS, add_config_arguments, setup_config, training_config_file
+from config import config as cfg
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one "Error: ..." line and exit status 1."""
+
+    def error(self, message):
+        print('Error: {}'.format(message), file=sys.stderr)
+        sys.exit(1)
+
+
+def parse_args(argv=None):
+    from pruning import EQUALIZATIONS
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--load', help='the trained model: a checkpoint directory (a train.py '
+                                  'logdir) or prefix, or an .npz file (required)')
+    p.add_argument('--threshold', type=float,
+                   help='keep channels whose normalised norm is >= this, in [0, 1] (required)')
+    p.add_argument('--output', help='folder for the pruned model (new or empty; required)')
+    p.add_argument('--granularity', type=int, default=8,
+                   help='kept channel counts are rounded up to a multiple of this')
+    p.add_argument('--min-channels', type=int, default=16, help='no layer keeps fewer')
+    p.add_argument('--equalization', default='union', choices=list(EQUALIZATIONS),
+                   help='how layers whose outputs are added agree on their channels')
+    p.add_argument('--exclude', metavar='REGEX',
+                   help='layers (variable scopes, e.g. "^fpn/|rpn") to keep whole')
+    add_config_arguments(p)
+    args = p.parse_args(argv)
+    missing = [f for f in ('load', 'threshold', 'output') if getattr(args, f) is None]
+    if missing:
+        p.error('missing ' + ', '.join('--' + f for f in missing))
+    return args
+
+
+def check_args(args):
+    """Raise UserInputError for values argparse cannot check."""
+    from utils.training import UserInputError
+    if not 0. <= args.threshold <= 1.:
+        raise UserInputError('--threshold must be in [0, 1] (norms are divided by each '
+                             'layer\'s largest), got {}.'.format(args.threshold))
+    if args.granularity < 1 or args.min_channels < 1:
+        raise UserInputError('--granularity and --min-channels must be >= 1.')
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        raise UserInputError('--output: "{}" exists and is not empty.'.format(args.output))
+
+
+def prune(args):
+    """Read, prune, write, print the summary."""
+    import pruning
+    from modeling.channel_spaces import channel_spaces
+    from utils.training import read_weights
+    options = pruning.PruneOptions(args.threshold, args.granularity, args.min_channels,
+                                   args.equalization, pruning.compile_exclude(args.exclude))
+    weights = read_weights(args.load)
+    spaces, cells = channel_spaces()
+    result = pruning.prune_weights(weights, spaces, options, cfg.PRUNE.GN_GROUPS)
+    widths = pruning.write_pruned_model(result.weights, args.output, result.channels,
+                                        result.gn_groups)
+    print('\n'.join(pruning.format_summary(pruning.summary_rows(weights, result.weights,
+                                                                cells))))
+    print('prune.py: {} layers narrower ({} in PRUNE.CHANNELS), {} GroupNorm group counts '
+          'changed; pruned model in {}'.format(len(result.channels), len(widths),
+                                              len(result.gn_groups), args.output))
+    print('Retrain it: python train.py --load {} --logdir LOGDIR --config '
+          'TRAIN.WEIGHT_DECAY=0.'.format(args.output))
+    return 0
+
+
+def main(args):
+    """Prune; a user error ends with one "Error: ..." line and exit status 1."""
+    try:
+        check_args(args)
+        run_config = training_config_file(args.load)
+        if args.config_file is None:  # the model's own config, as predict.py does
+            args.config_file = run_config
+        setup_config(args, is_training=False, run_config=run_config)
+        return prune(args)
+    except USER_ERRORS as e:
+        print('Error: {}'.format(e), file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main(parse_args()))

@@ -1,0 +1,231 @@
+"""Channel pruning of a trained model's weights (prune.py's work), as NVIDIA TAO prunes.
+
+Each channel space (modeling/channel_spaces.py) is scored per producer layer by the L2
+norm of each output channel's kernel, divided by the layer's largest such norm (so every
+layer's scores are in [0, 1]); the producers' scores are combined by the equalization mode
+(union: max, intersection: min, arithmetic_mean, geometric_mean). Channels scoring at least
+the threshold stay; their count is rounded up to a multiple of the granularity, to at least
+min_channels and at most the layer's width, filled with the next best channels. Then every
+producer, normalisation and consumer variable of the space is sliced to those channels.
+
+A GroupNorm on a pruned space keeps its channels per group when the kept count allows
+(64 channels in 32 groups pruned to 48: 24 groups); otherwise it takes the largest group
+count up to its old one that divides the kept count. Either way the count goes into
+PRUNE.GN_GROUPS.
+
+Weights are ``{variable name: ndarray}`` as ``utils.training.read_weights`` returns them.
+"""
+import collections
+import logging
+import math
+import os
+import re
+
+import numpy as np
+
+from config import config as cfg
+from modeling.channel_spaces import STAGES, layer_stage
+from utils.training import TRAINING_STATE, UserInputError
+
+__all__ = ['EQUALIZATIONS', 'PruneOptions', 'prune_weights', 'summary_rows', 'format_summary',
+           'write_pruned_model']
+
+# --equalization: how the producers of one channel space combine their [C] scores.
+EQUALIZATIONS = {
+    'union': lambda s: s.max(axis=0),            # kept if any producer keeps it
+    'intersection': lambda s: s.min(axis=0),     # kept only if every producer keeps it
+    'arithmetic_mean': lambda s: s.mean(axis=0),
+    'geometric_mean': lambda s: np.exp(np.log(np.maximum(s, 1e-30)).mean(axis=0)),
+}
+DEFAULT_GN_GROUPS = 32  # modeling.backbone.GroupNorm's default
+
+PruneOptions = collections.namedtuple(
+    'PruneOptions', 'threshold granularity min_channels equalization exclude')
+PruneResult = collections.namedtuple('PruneResult', 'weights channels gn_groups')
+
+
+def _out_axis(name):
+    """Output-channel axis of a layer's W: [kh, kw, in, out], [in, out] for FC, and
+    [kh, kw, out, in] for the transposed conv."""
+    return 2 if name.endswith('/deconv') else -1
+
+
+def _in_axis(name, kernel):
+    return 3 if name.endswith('/deconv') else kernel.ndim - 2
+
+
+def channel_scores(weights, producers, equalization):
+    """float64 [C]: each producer's per-output-channel kernel L2 norms over its largest,
+    combined over the producers by EQUALIZATIONS[equalization]."""
+    per_layer = []
+    for name in producers:
+        kernel = np.asarray(weights[name + '/W'], np.float64)
+        axis = _out_axis(name) % kernel.ndim
+        norms = np.sqrt(np.square(kernel).sum(axis=tuple(a for a in range(kernel.ndim)
+                                                         if a != axis)))
+        top = norms.max()
+        per_layer.append(norms / top if top > 0 else np.ones_like(norms))
+    return EQUALIZATIONS[equalization](np.stack(per_layer))
+
+
+def select_channels(scores, options):
+    """Sorted int [n] indices of the kept channels of one space (see the module doc)."""
+    width = len(scores)
+    count = int((scores >= options.threshold).sum())
+    count = max(count, options.min_channels)
+    count = min(width, int(math.ceil(count / options.granularity)) * options.granularity)
+    order = np.argsort(-scores, kind='stable')  # ties: the lower index first
+    return np.sort(order[:count])
+
+
+def adjusted_groups(width, groups, kept):
+    """A GroupNorm's group count after pruning its ``width`` channels to ``kept``."""
+    per_group = width // groups
+    if kept % per_group == 0:
+        return kept // per_group
+    return max(g for g in range(1, groups + 1) if kept % g == 0)
+
+
+def _slice(array, axis, keep):
+    return np.take(array, keep, axis=axis)
+
+
+def _slice_space(weights, space, keep, width):
+    """Slice every variable of ``space`` (in ``weights``, in place) to channels ``keep``."""
+    for name in space.producers:
+        for var in [v for v in weights if v.startswith(name + '/')]:
+            axis = _out_axis(name) if var == name + '/W' else 0
+            assert weights[var].shape[axis] == width, (var, weights[var].shape, width)
+            weights[var] = _slice(weights[var], axis, keep)
+    for name in space.norms:
+        for var in [v for v in weights if v.startswith(name + '/')]:
+            weights[var] = _slice(weights[var], 0, keep)
+    for name in space.consumers:
+        kernel = weights[name + '/W']
+        axis = _in_axis(name, kernel)
+        # an FC layer after RoIAlign reads C x S x S inputs flattened channel-major (NCHW)
+        repeat = kernel.shape[axis] // width
+        assert repeat * width == kernel.shape[axis], (name, kernel.shape, width)
+        rows = (keep[:, None] * repeat + np.arange(repeat)).ravel()
+        weights[name + '/W'] = _slice(kernel, axis, rows)
+
+
+def _gn_layers(weights, space):
+    """The GroupNorm layer names on ``space``: ``<producer>/gn`` and its separate norms."""
+    own = [p + '/gn' for p in space.producers if p + '/gn/gamma' in weights]
+    return own + [n for n in space.norms if n + '/gamma' in weights]
+
+
+def prune_weights(weights, spaces, options, gn_groups=None):
+    """Prune every channel space not excluded.
+
+    Args:
+        weights: {name: ndarray} of the model; not modified.
+        spaces: list of ChannelSpace of that model (``channel_spaces()``).
+        options (PruneOptions): threshold in [0, 1], granularity, min_channels,
+            equalization (an EQUALIZATIONS key), exclude (compiled regex or None: a space
+            with a producer it matches is kept whole).
+        gn_groups: the model's PRUNE.GN_GROUPS (an already pruned model), or None.
+    Returns:
+        PruneResult: weights {name: ndarray} without training state (optimizer slots, ...),
+        channels {layer: width} of every producer of a pruned space, gn_groups
+        {GroupNorm layer: groups} of the GroupNorms whose group count changed (plus
+        ``gn_groups`` given).
+    Raises:
+        UserInputError: a layer of the model is missing from ``weights``, or ``exclude``
+            keeps every space whole.
+    """
+    weights = {k: v for k, v in weights.items() if not TRAINING_STATE.search(k)}
+    gn_groups = dict(gn_groups or {})
+    missing = sorted({n for s in spaces for n in s.producers + s.consumers
+                      if n + '/W' not in weights})
+    if missing:
+        raise UserInputError('--load: the weights lack {} layer(s) of the configured model, '
+                             'e.g. {}: is the config the one they were trained with?'.format(
+                                 len(missing), ', '.join(missing[:3])))
+    candidates = [s for s in spaces if not (options.exclude and any(
+        options.exclude.search(p) for p in s.producers))]
+    if not candidates:
+        raise UserInputError('--exclude {!r} matches a layer of every channel group: nothing '
+                             'would be pruned.'.format(options.exclude.pattern))
+    channels = {}
+    for space in candidates:
+        width = weights[space.producers[0] + '/W'].shape[_out_axis(space.producers[0])]
+        keep = select_channels(channel_scores(weights, space.producers, options.equalization),
+                               options)
+        if len(keep) == width:
+            continue
+        for gn in _gn_layers(weights, space):
+            groups = gn_groups.get(gn, DEFAULT_GN_GROUPS)
+            if len(keep) % groups:
+                gn_groups[gn] = adjusted_groups(width, groups, len(keep))
+        _slice_space(weights, space, keep, width)
+        channels.update({name: int(len(keep)) for name in space.producers})
+    return PruneResult(weights, channels, gn_groups)
+
+
+def summary_rows(before, after, cells):
+    """Per stage (modeling.channel_spaces.STAGES) and in total: output channels of its
+    layers, parameters and FLOPs (2 per multiply-add of the conv / FC kernels, at the
+    output positions ``cells``), before and after.
+
+    Returns:
+        list of (stage, channels_before, channels_after, params_before, params_after,
+        flops_before, flops_after); the last row is 'total'.
+    """
+    table = collections.OrderedDict((s, [0] * 6) for s in STAGES + ('total',))
+    for k, weights in enumerate((before, after)):
+        for var, value in weights.items():
+            if TRAINING_STATE.search(var):
+                continue
+            stage = layer_stage(var)
+            for row in (table[stage], table['total']):
+                row[2 + k] += int(value.size)
+                if var.endswith('/W') and var[:-2] in cells:
+                    row[k] += int(value.shape[_out_axis(var[:-2])])
+                    row[4 + k] += 2 * int(value.size) * cells[var[:-2]]
+    return [(stage,) + tuple(v) for stage, v in table.items() if any(v)]
+
+
+def format_summary(rows):
+    """The summary table as text lines."""
+    lines = ['{:<10} {:>17} {:>21} {:>19}'.format('stage', 'channels', 'parameters',
+                                                  'GFLOPs')]
+    for stage, cb, ca, pb, pa, fb, fa in rows:
+        lines.append('{:<10} {:>7} -> {:>6} {:>9} -> {:>9} {:>8.3f} -> {:>7.3f}'.format(
+            stage, cb, ca, pb, pa, fb / 1e9, fa / 1e9))
+    return lines
+
+
+def write_pruned_model(weights, output_dir, channels, gn_groups):
+    """Write ``output_dir``/model-0 (a TF checkpoint: ``--load output_dir`` reads it) and
+    ``output_dir``/config.yaml, the global config with PRUNE.CHANNELS / PRUNE.GN_GROUPS
+    (merged with those of an already pruned model).
+
+    Returns:
+        the merged PRUNE.CHANNELS written.
+    """
+    from tensorpack.tfutils.varmanip import save_checkpoint_vars
+    os.makedirs(output_dir, exist_ok=True)
+    logger = logging.getLogger('tensorpack')
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # it would log every variable name
+    try:
+        save_checkpoint_vars(weights, os.path.join(output_dir, 'model-0'))
+    finally:
+        logger.setLevel(level)
+    merged = dict(cfg.PRUNE.CHANNELS, **channels)
+    with cfg.override({'PRUNE.CHANNELS': merged, 'PRUNE.GN_GROUPS': gn_groups}):
+        cfg.save_yaml(os.path.join(output_dir, 'config.yaml'))
+    return merged
+
+
+def compile_exclude(pattern):
+    """--exclude as a compiled regex (None for None); UserInputError if it is invalid."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UserInputError('--exclude {!r} is not a valid regular expression: {}.'.format(
+            pattern, e)) from None

@@ -1,0 +1,300 @@
+"""prune.py: channel selection, residual / FPN groups, exact slicing, the pruned models of
+every architecture building and loading, the pruned R-18 GN model through train.py,
+predict.py and the export, and the user errors.
+
+Models here are tiny (tests/tiny.py) with freshly initialised weights, saved as a run
+would be (a checkpoint and its config.yaml)."""
+import concurrent.futures
+import contextlib
+import os
+import re
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+from tensorpack.tfutils.tower import PredictTowerContext
+
+import predict
+import prune
+import pruning
+from config import config as cfg, finalize_configs
+from dataset import DatasetRegistry, register_shapes
+from modeling.channel_spaces import channel_spaces
+from modeling.generalized_rcnn import build_model
+from tiny import configured
+from utils.training import WeightsLoader, read_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_NORM = ['BACKBONE.NORM=None']  # convs with biases: a zeroed channel is exactly dead
+GN_DEMO = ['FPN.NORM=GN', 'FPN.FRCNN_HEAD_FUNC=fastrcnn_4conv1fc_gn_head',
+           'FPN.MRCNN_HEAD_FUNC=maskrcnn_up4conv_gn_head']  # R-18 GN everywhere, as the demo
+# Two iterations at a reference batch of 1, no evaluation (tests/test_predict.py).
+SHORT_TRAINING = ['TRAIN.REFERENCE_BATCH=1', 'TRAIN.LR_SCHEDULE=(1,1,2)', 'TRAIN.WARMUP=1',
+                  'TRAIN.STEPS_PER_EPOCH=1', 'TRAIN.EVAL_PERIOD=0', 'TRAIN.WEIGHT_DECAY=0.']
+
+
+def make_model(folder, overrides, edit=None):
+    """A freshly initialised tiny model saved as train.py would: ``folder``/model-1 and
+    config.yaml. ``edit(weights dict)`` may change the weights before they are saved."""
+    with configured(overrides, is_training=False):
+        with tf.Graph().as_default():
+            tf.set_random_seed(0)
+            image = tf.placeholder(tf.float32, [None, None, 3], 'image')
+            with PredictTowerContext(''):
+                build_model().build_graph(image)
+            variables = tf.global_variables()
+            with tf.Session() as sess:
+                sess.run(tf.global_variables_initializer())
+                if edit is not None:
+                    values = dict(zip([v.op.name for v in variables], sess.run(variables)))
+                    edit(values)
+                    for v in variables:
+                        v.load(values[v.op.name], sess)
+                os.makedirs(folder, exist_ok=True)
+                tf.train.Saver().save(sess, os.path.join(folder, 'model-1'))
+        cfg.save_yaml(os.path.join(folder, 'config.yaml'))
+    return folder
+
+
+@contextlib.contextmanager
+def model_config(folder):
+    """The global config of the model saved in ``folder`` (its config.yaml), finalised."""
+    register_shapes(num_train=40, num_val=8)
+    with cfg.override():
+        cfg.load_yaml(os.path.join(folder, 'config.yaml'))
+        finalize_configs(is_training=False, num_gpus=0, registry=DatasetRegistry)
+        yield cfg
+
+
+def run_prune(*args):
+    """prune.py's main in this process (the global config is restored after)."""
+    with cfg.override():
+        return prune.main(prune.parse_args([str(a) for a in args]))
+
+
+def detections(folder, image):
+    """The raw graph outputs (boxes, scores, labels, masks) of the model in ``folder``,
+    loaded as predict.py loads it; every variable must load."""
+    with model_config(folder):
+        weights = WeightsLoader(folder)
+        with tf.Graph().as_default():
+            predictor = predict.build_predictor(weights)
+            outputs = predictor(image)
+    assert weights.loaded and not any(weights.skipped.values()), weights.skipped
+    return outputs
+
+
+def _image():
+    return np.random.RandomState(3).uniform(0, 255, (120, 150, 3)).astype(np.float32)
+
+
+def _assert_same_detections(got, want):
+    assert len(want[0]) > 0, 'random weights should still detect something'
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- selection
+def test_select_channels_threshold_granularity_minimum():
+    scores = np.array([1., .9, .1, .8, .2, .05, .7, .3])
+    opts = pruning.PruneOptions(0.5, 1, 1, 'union', None)
+    assert pruning.select_channels(scores, opts).tolist() == [0, 1, 3, 6]
+    # 4 kept, rounded up to 6: the next best (.3, .2) join; the order stays sorted
+    opts = opts._replace(granularity=3)
+    assert pruning.select_channels(scores, opts).tolist() == [0, 1, 3, 4, 6, 7]
+    opts = opts._replace(threshold=0.95, granularity=1, min_channels=3)
+    assert pruning.select_channels(scores, opts).tolist() == [0, 1, 3]
+    opts = opts._replace(threshold=0., min_channels=1)
+    assert len(pruning.select_channels(scores, opts)) == 8  # 0 keeps every channel
+    opts = opts._replace(threshold=1., granularity=16)
+    assert len(pruning.select_channels(scores, opts)) == 8  # never more than the width
+
+
+def test_gn_groups_keep_channels_per_group_or_divide():
+    assert pruning.adjusted_groups(64, 32, 48) == 24      # 2 channels per group kept
+    assert pruning.adjusted_groups(256, 32, 200) == 25     # 8 per group
+    assert pruning.adjusted_groups(64, 32, 36) == 18
+    assert pruning.adjusted_groups(256, 32, 36) == 18      # 36 % 8: largest divisor <= 32
+    assert pruning.adjusted_groups(32, 32, 24) == 24
+
+
+def test_equalization_modes_of_a_residual_group():
+    """One channel weak in only one member of a residual group: union keeps it, intersection
+    drops it from every member, the means fall in between."""
+    with configured(NO_NORM, is_training=False):
+        spaces, _ = channel_spaces()
+    group = next(s for s in spaces if 'group1/block0/convshortcut' in s.producers)
+    assert sorted(group.producers) == ['group1/block0/conv2', 'group1/block0/convshortcut',
+                                       'group1/block1/conv2']
+    rs = np.random.RandomState(0)
+    weights = {p + '/W': rs.uniform(0.9, 1., (3, 3, 8, 16)) for p in group.producers}
+    weights['group1/block0/convshortcut/W'][..., 5] *= 0.01
+    scores = {mode: pruning.channel_scores(weights, group.producers, mode)
+              for mode in pruning.EQUALIZATIONS}
+    assert scores['union'][5] > 0.9 and scores['intersection'][5] < 0.02
+    assert 0.5 < scores['arithmetic_mean'][5] < 0.7
+    assert scores['intersection'][5] < scores['geometric_mean'][5] < 0.3
+
+
+# ---------------------------------------------------------------------------- one model
+@pytest.fixture(scope='module')
+def tiny_model(tmp_path_factory):
+    return make_model(str(tmp_path_factory.mktemp('model')), NO_NORM)
+
+
+def test_threshold_zero_changes_no_output(tiny_model, tmp_path):
+    out = tmp_path / 'pruned'
+    assert run_prune('--load', tiny_model, '--threshold', 0, '--output', out) == 0
+    with model_config(str(out)):
+        assert cfg.PRUNE.CHANNELS == {} and cfg.PRUNE.GN_GROUPS == {}
+    _assert_same_detections(detections(str(out), _image()), detections(tiny_model, _image()))
+
+
+# Dead channels (kernel and bias 0, so 0 after ReLU): channel 5 of the res3 residual group
+# (every member), channel 7 of a block's inner conv, channels 3 and 10 of the FPN outputs
+# (read by the RPN, the box head's FC over 7 x 7 RoIs and the mask head).
+DEAD = {('group1/block0/conv2', 'group1/block0/convshortcut', 'group1/block1/conv2'): [5],
+        ('group2/block1/conv1',): [7],
+        tuple('fpn/posthoc_3x3_p{}'.format(i) for i in range(2, 6)): [3, 10]}
+
+
+def _kill_channels(weights):
+    for layers, channels in DEAD.items():
+        for layer in layers:
+            weights[layer + '/W'][..., channels] = 0.
+            weights[layer + '/b'][channels] = 0.
+
+
+def test_dead_channels_are_removed_from_every_member_and_change_no_output(tmp_path):
+    model = make_model(str(tmp_path / 'model'), NO_NORM, edit=_kill_channels)
+    out = str(tmp_path / 'pruned')
+    assert run_prune('--load', model, '--threshold', 1e-6, '--output', out,
+                     '--granularity', 1, '--min-channels', 1) == 0
+    before, after = read_weights(model), read_weights(out)
+    expected = {layer: before[layer + '/W'].shape[-1] - len(channels)
+                for layers, channels in DEAD.items() for layer in layers}
+    with model_config(out):
+        assert cfg.PRUNE.CHANNELS == expected
+    for layer in expected:
+        assert after[layer + '/W'].shape[-1] == expected[layer]
+    # every reader of the residual group lost exactly input channel 5
+    for reader in ('group1/block1/conv1', 'group2/block0/conv1', 'group2/block0/convshortcut',
+                   'fpn/lateral_1x1_c3'):
+        np.testing.assert_array_equal(after[reader + '/W'],
+                                      np.delete(before[reader + '/W'], 5, axis=2))
+    # the box head's FC reads 7 x 7 cells per channel, channel-major
+    fc6 = before['fastrcnn/fc6/W']
+    rows = [c * 49 + j for c in (3, 10) for j in range(49)]
+    np.testing.assert_array_equal(after['fastrcnn/fc6/W'], np.delete(fc6, rows, axis=0))
+    _assert_same_detections(detections(out, _image()), detections(model, _image()))
+
+
+VARIANTS = [  # every backbone family, norm, head and the cascade, pruned and rebuilt
+    (['MODE_FPN=False', 'BACKBONE.DEPTH=50', 'BACKBONE.NORM=FreezeBN'], 'c4-r50-freezebn'),
+    (['CASCADE.ENABLED=True', 'BACKBONE.NORM=GN'] + GN_DEMO, 'cascade-gn-4conv'),
+    (['BACKBONE.NORM=SyncBN', 'FPN.FRCNN_HEAD_FUNC=fastrcnn_4conv1fc_head'], 'fpn-syncbn-4conv'),
+]
+
+
+@pytest.mark.parametrize('overrides', [pytest.param(o, id=i) for o, i in VARIANTS])
+def test_pruned_variant_builds_and_loads(overrides, tmp_path):
+    model = make_model(str(tmp_path / 'model'), overrides)
+    out = str(tmp_path / 'pruned')
+    # random weights: 0.9 of the largest norm prunes part of most layers
+    assert run_prune('--load', model, '--threshold', 0.9, '--output', out,
+                     '--equalization', 'arithmetic_mean', '--exclude', '^rpn/') == 0
+    before, after = read_weights(model), read_weights(out)
+    with model_config(out):
+        widths, groups = dict(cfg.PRUNE.CHANNELS), dict(cfg.PRUNE.GN_GROUPS)
+    assert widths and not any(k.startswith('rpn/') for k in widths)
+    assert all(w % 8 == 0 and w >= 16 for w in widths.values())
+    assert sum(v.size for v in after.values()) < sum(v.size for v in before.values())
+    for gn, g in groups.items():  # recorded counts divide the pruned widths
+        assert after[gn + '/gamma'].shape[0] % g == 0
+    for name in ('fastrcnn/class/W', 'cascade_rcnn_stage3/outputs/class/W', 'maskrcnn/conv/W'):
+        if name in before:  # outputs never pruned
+            assert after[name].shape[-1] == before[name].shape[-1]
+    boxes = detections(out, _image())[0]
+    assert boxes.ndim == 2 and boxes.shape[1] == 4
+
+
+# ---------------------------------------------------------------------------- entry points
+def run_script(args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable] + [str(a) for a in args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+E2E = [pytest.param(['BACKBONE.NORM=GN'] + GN_DEMO, id='r18-gn-demo'),
+       # the R-50 FPN Mask R-CNN takes minutes on 2 cores: `pytest --run-slow` only; the
+       # R-18 one above and tests/test_prune.py's C4 R-50 variant cover it by default
+       pytest.param(['BACKBONE.DEPTH=50', 'BACKBONE.NORM=FreezeBN'], id='r50-fpn-mask',
+                    marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize('overrides', E2E)
+def test_pruned_model_trains_predicts_and_exports(overrides, tmp_path):
+    model = make_model(str(tmp_path / 'model'), overrides)
+    pruned = str(tmp_path / 'pruned')
+    p = run_script(['prune.py', '--load', model, '--threshold', 0.9, '--output', pruned])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r'^total .*->', p.stdout, re.M), p.stdout[-2000:]
+    logdir = str(tmp_path / 'retrain')
+    p = run_script(['train.py', '--load', pruned, '--logdir', logdir, '--config'] +
+                   SHORT_TRAINING)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 'Not loaded' not in p.stdout + p.stderr
+    with model_config(pruned):
+        widths = dict(cfg.PRUNE.CHANNELS)
+    with model_config(logdir):  # the retrained run keeps the pruned widths
+        assert cfg.PRUNE.CHANNELS == widths and cfg.TRAIN.WEIGHT_DECAY == 0.
+    image = os.path.join(str(tmp_path), 'image.png')
+    cv2.imwrite(image, _image().astype(np.uint8))
+    frozen = str(tmp_path / 'frozen.pb')
+    p = run_script(['predict.py', '--load', logdir, '--predict', image, '--output',
+                    str(tmp_path / 'out'), '--export-pb', frozen])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 'Not loaded' not in p.stdout + p.stderr
+    assert re.search(r'image.png: \d+ detections', p.stdout), p.stdout[-2000:]
+    graph_def = tf.GraphDef()
+    with open(frozen, 'rb') as f:
+        graph_def.ParseFromString(f.read())
+    # the model's nodes sit in the graph's function library, under 'model/'
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    kernels = {re.sub('^model/', '', n.name[:-len('/W')]):
+               [d.size for d in n.attr['value'].tensor.tensor_shape.dim]
+               for n in nodes if n.op == 'Const' and n.name.endswith('/W')}
+    exported = [layer for layer in widths if layer in kernels and 'deconv' not in layer]
+    assert exported, sorted(kernels)[:5]  # the narrower layers, as narrow in the export
+    assert all(kernels[layer][-1] == widths[layer] for layer in exported)
+
+
+BAD = [  # (arguments after --load MODEL, pattern of the one Error: line)
+    (['--threshold', '1.5', '--output', '{tmp}/a'], r'--threshold must be in \[0, 1\]'),
+    (['--threshold', '0.5', '--output', '{tmp}/c', '--equalization', 'median'],
+     r"invalid choice: 'median'"),
+    (['--threshold', '0.5', '--output', '{tmp}/d', '--exclude', '.'],
+     r'--exclude .* matches a layer of every channel group'),
+    (['--threshold', '0.5', '--output', '{tmp}/e', '--exclude', '('], r'not a valid regular'),
+    (['--threshold', '0.5', '--output', '{model}'], r'exists and is not empty'),
+]
+
+
+def test_bad_arguments_are_one_line_errors(tiny_model, tmp_path):
+    cases = [(['--load', tiny_model] + [a.format(tmp=tmp_path, model=tiny_model) for a in args],
+              pattern) for args, pattern in BAD]
+    cases += [(['--threshold', '0.5', '--output', str(tmp_path / 'g')], r'missing --load'),
+              (['--load', str(tmp_path / 'nothere'), '--threshold', '0.5', '--output',
+                str(tmp_path / 'h')], r'--load: .*nothere.* does not exist')]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda c: run_script(['prune.py'] + c[0], timeout=300), cases))
+    for (args, pattern), p in zip(cases, runs):
+        info = '{}: exit {}\n{}'.format(args, p.returncode, p.stderr[-2000:])
+        errors = [line for line in p.stderr.splitlines() if line.startswith('Error: ')]
+        assert p.returncode == 1 and 'Traceback' not in p.stderr, info
+        assert len(errors) == 1 and re.search(pattern, errors[0]), info
+    assert not any(os.path.exists(tmp_path / d) for d in 'acdegh')
