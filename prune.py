@@ -93,8 +93,11 @@ def prune(args):
     print('prune.py: {} layers narrower ({} in PRUNE.CHANNELS), {} GroupNorm group counts '
           'changed; pruned model in {}'.format(len(result.channels), len(widths),
                                               len(result.gn_groups), args.output))
-    print('Retrain it: python train.py --load {} --logdir LOGDIR --config '
-          'TRAIN.WEIGHT_DECAY=0.'.format(args.output))
+    # train.py recognises a pruned model by its PRUNE.CHANNELS; with none, say how to retrain
+    config_file = '' if widths else ' --config-file {}'.format(
+        os.path.join(args.output, 'config.yaml'))
+    print('Retrain it: python train.py --load {}{} --logdir LOGDIR --config '
+          'TRAIN.WEIGHT_DECAY=0.'.format(args.output, config_file))
     return 0
 
 
