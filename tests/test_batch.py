@@ -132,7 +132,9 @@ def test_batchnorm_trains_with_batch_statistics():
         batch = pad_batch(_two_images(), model_input_names(True))
         with tf.Graph().as_default():
             step = _step()
-            moving = [v for v in tf.global_variables() if 'moving_mean' in v.op.name]
+            # tensorpack's BatchNorm keeps its moving statistics in bn/mean/EMA, bn/variance/EMA
+            moving = [v for v in tf.global_variables() if v.op.name.endswith('/EMA')
+                      and '/bn/' in v.op.name]
             gammas = [v for v in tf.trainable_variables() if v.op.name.endswith('bn/gamma')]
             updates = tf.get_collection(tf.GraphKeys.UPDATE_OPS)
             with tf.Session() as sess:
