@@ -15,8 +15,9 @@ no pretrained weights here) with the session of `utils.precision` (TRAIN.PRECISI
 threads from --intra/--inter or RCNN_INTRA_OP_THREADS/RCNN_INTER_OP_THREADS). Each image
 goes through `eval.predict_image(mask_format='rle', timings=...)` as in evaluation; with
 --batch-size N, N copies of the image go through one `eval.predict_images` call of the
-N-image predictor (``predict.py --batch-size N``) and its times count 1/N per image (the
-op trace and FLOP count then stay those of one image, batch 1).
+N-image predictor (``predict.py --batch-size N``) and its times count 1/N per image
+(--images is rounded down to a multiple of N, at least N; the op trace and FLOP count stay
+those of one image, batch 1).
 
 FLOPs: the inference graph is built again on an input of FIXED shape (the resized image's)
 and run once with grappler off and a full trace, so the heads' dynamic sizes (proposals,
@@ -45,6 +46,7 @@ One JSON line per measurement (each in a fresh process):
 plus the config, precision, data format, threads, oneDNN state, load average, peak RSS.
 """
 import collections
+import json
 import os
 import statistics
 import sys
@@ -228,9 +230,12 @@ def main(argv=None):
         return harness.run_job(measure, args.job)
     if min(args.batch_size) < 1:
         raise harness.UserError('--batch-size must be >= 1, got {}.'.format(args.batch_size))
-    for n in args.batch_size:
-        harness.main_loop(__file__, args, images=args.images, warmup=args.warmup,
-                          flops=args.flops, batch_size=n)
+    # N interleaved within each repeat: a drifting load hits every N alike
+    for job in harness.jobs_from_args(args, images=args.images, warmup=args.warmup,
+                                      flops=args.flops):
+        for n in args.batch_size:
+            print(json.dumps(harness.run_isolated(__file__, dict(job, batch_size=n))),
+                  flush=True)
 
 
 if __name__ == '__main__':
