@@ -120,17 +120,12 @@ class GeneralizedRCNN(ModelDesc):
             mean = tf.constant(cfg.PREPROC.PIXEL_MEAN, tf.float32)
             std = tf.constant(cfg.PREPROC.PIXEL_STD, tf.float32)
             image = (image - mean) * (1. / std)
-            if sizes is None:
-                image = image[None]
-            else:  # the batch padding is zero after normalisation, as the pad below
-                image = image * batching.valid_pixels(sizes, tf.shape(image)[1:3])
             mult = image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT)
-            if mult > 1:
-                shape = tf.shape(image)[1:3]
-                padded = tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) / mult) * mult,
-                                 tf.int32)
-                pad = padded - shape
-                image = tf.pad(image, [[0, 0], [0, pad[0]], [0, pad[1]], [0, 0]])
+            if sizes is None:
+                image = (_pad_hw(image, mult, 0) if mult > 1 else image)[None]
+            else:  # the batch padding is zero after normalisation, as the pad
+                image = image * batching.valid_pixels(sizes, tf.shape(image)[1:3])
+                image = _pad_hw(image, mult, 1) if mult > 1 else image
             if cfg.BACKBONE.DATA_FORMAT == 'NCHW':
                 image = tf.transpose(image, [0, 3, 1, 2])
             return image
@@ -236,6 +231,15 @@ class GeneralizedRCNN(ModelDesc):
         targets = crop_gt_masks(inputs['gt_masks'], inputs['gt_boxes'],
                                 proposals.fg_inds_wrt_gt, proposals.fg_boxes(), resolution)
         return [maskrcnn_loss(mask_logits, proposals.fg_labels(), targets)]
+
+
+def _pad_hw(image, mult, first):
+    """Zero-pad axes ``first`` and ``first + 1`` (H, W of an HWC or NHWC image) at their
+    end up to multiples of ``mult``."""
+    shape = tf.shape(image)[first:first + 2]
+    padded = tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) / mult) * mult, tf.int32)
+    pad = padded - shape
+    return tf.pad(image, [[0, 0]] * first + [[0, pad[0]], [0, pad[1]], [0, 0]])
 
 
 def _final_detections(head, image_shape2d):
