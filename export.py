@@ -22,6 +22,12 @@ Signatures (K = ``TEST.RESULTS_PER_IM`` at export time; detections padded to K):
 - ``class_names``: no input -> ``class_names`` string [C + 1] (index 0: background).
 
 DIR also holds ``metadata.json`` and ``README.txt`` (thresholds, channels, conventions).
+
+Precision: with ``TRAIN.PRECISION=bf16`` (``predict.py --precision bf16``) the frozen model
+carries the bfloat16 rewrite that the predictor's session applies (`bf16_graph_def`): its
+convolutions and matmuls run in bfloat16 wherever the graph is served; inputs and outputs
+stay as above. Otherwise (fp32; fp16 is a GPU session rewrite) the graph is float32.
+``metadata.json`` records which (``precision``).
 """
 import utils.compat  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
@@ -34,15 +40,19 @@ from tensorpack.utils import logger
 from config import config as cfg
 from eval import get_inference_output_names
 from utils.compat import freeze_graph_def
+from utils.precision import onednn_enabled
+from utils.training import UserInputError
 
-__all__ = ['serving_metadata', 'inner_graph_def', 'build_serving_graph', 'export_savedmodel',
-           'export_frozen_graph', 'SIGNATURE_OUTPUTS']
+__all__ = ['serving_metadata', 'inner_graph_def', 'bf16_graph_def', 'build_serving_graph',
+           'export_savedmodel', 'export_frozen_graph', 'SIGNATURE_OUTPUTS']
 
 tf1 = tf.compat.v1
 # Output keys of the image signatures, in this order (also the frozen graph's tensor names).
 SIGNATURE_OUTPUTS = ('num_detections', 'boxes', 'scores', 'classes', 'category_ids', 'masks')
 # eval.paste_mask's default: foreground where the interpolated probability passes 0.5.
 MASK_THRESHOLD = 0.5
+# The grappler pass behind the session rewrite of TRAIN.PRECISION=bf16 (utils/precision.py).
+BF16_PASS = 'auto_mixed_precision_onednn_bfloat16'
 
 
 def serving_metadata(category_ids):
@@ -66,10 +76,11 @@ def serving_metadata(category_ids):
         'mask_paste': cfg.TEST.MASK_PASTE,
         'class_names': list(cfg.DATA.CLASS_NAMES),
         'category_ids': [int(i) for i in category_ids],
+        'precision': 'bf16' if cfg.TRAIN.PRECISION == 'bf16' else 'fp32',
     }
 
 
-def inner_graph_def(predictor, output_names=None):
+def inner_graph_def(predictor, output_names=None, precision='fp32'):
     """The predictor's graph (input ``image``) with its variables frozen to constants: the
     GraphDef that `build_serving_graph` wraps.
 
@@ -77,11 +88,49 @@ def inner_graph_def(predictor, output_names=None):
         predictor: predict.py's predictor, whose outputs start with ``output/boxes``,
             ``output/scores``, ``output/labels`` (and ``output/masks``).
         output_names (list of str or None): the outputs kept; default the predictor's.
+        precision (str): 'bf16': with `bf16_graph_def`'s rewrite; else as it is (float32).
     Not tensorpack's ``export_compact``, which fails on TF 2.18 (utils/compat.py, shim 9).
     """
     if output_names is None:
         output_names = [t.op.name for t in predictor.output_tensors]
-    return freeze_graph_def(predictor.sess, predictor.graph.as_graph_def(), output_names)
+    graph_def = freeze_graph_def(predictor.sess, predictor.graph.as_graph_def(), output_names)
+    return bf16_graph_def(graph_def, output_names) if precision == 'bf16' else graph_def
+
+
+def bf16_graph_def(graph_def, output_names):
+    """oneDNN's bfloat16 auto-mixed-precision rewrite (`BF16_PASS`, what the session of
+    ``TRAIN.PRECISION=bf16`` runs before each graph execution) applied once, to a GraphDef:
+    convolutions and matmuls (and the ops between them) become bfloat16, with casts at
+    the edges. Only this pass runs: the result holds no oneDNN-only fused ops, so any
+    TensorFlow runs it (through Eigen's bfloat16 kernels on CPUs without bf16 units).
+
+    Args:
+        graph_def: a frozen GraphDef (no variables). output_names (list of str): its
+            outputs, kept with their names (an output may become bfloat16).
+    Raises:
+        UserInputError: TensorFlow's oneDNN ops are off in this process; the pass would
+            then change nothing.
+    """
+    from tensorflow.core.protobuf import config_pb2
+    # The only offline entry to grappler (what tf.function and sessions call inside).
+    from tensorflow.python.grappler import tf_optimizer
+    if not onednn_enabled():
+        raise UserInputError('a bf16 export needs TensorFlow\'s oneDNN ops: set '
+                             'TF_ENABLE_ONEDNN_OPTS=1 before running predict.py.')
+    with tf.Graph().as_default() as graph:
+        tf1.import_graph_def(graph_def, name='')
+        meta_graph = tf1.train.export_meta_graph(graph=graph)
+    meta_graph.collection_def['train_op'].node_list.value.extend(output_names)  # fetches
+    config = config_pb2.ConfigProto()
+    config.graph_options.rewrite_options.optimizers.append(BF16_PASS)
+    config.graph_options.rewrite_options.min_graph_nodes = -1  # small graphs too
+    out = tf_optimizer.OptimizeGraph(config, meta_graph)
+    for node in out.node:
+        if node.op == 'Placeholder' and 'T' in node.attr:
+            # the pass tags the input with a T attr Placeholder lacks: TF logs an error
+            # on every import of the graph
+            del node.attr['T']
+    return out
 
 
 # ---------------------------------------------------------------------- in-graph pre/post
@@ -174,7 +223,9 @@ def _detect_one(image, shape_out, inner, meta):
     names = get_inference_output_names(meta['mode_mask'])
     outputs = tf1.import_graph_def(inner, input_map={'image:0': resized}, name='model',
                                    return_elements=[n + ':0' for n in names])
-    boxes, scores, labels = outputs[:3]
+    # float32 even where the bf16 rewrite left an output in bfloat16
+    boxes, scores = (tf.cast(t, tf.float32) for t in outputs[:2])
+    labels = outputs[2]
     back = tf.cast(shape2d, tf.float64) / tf.cast(size, tf.float64)  # (sy, sx)
     if meta['isotropic_scale_back']:
         back = tf.fill([2], tf.sqrt(back[0] * back[1]))
@@ -188,7 +239,7 @@ def _detect_one(image, shape_out, inner, meta):
     ret = [num, tf.pad(boxes, pad + [[0, 0]]), tf.pad(scores, pad),
            tf.pad(tf.cast(labels, tf.int32), pad), tf.pad(category, pad)]
     if meta['mode_mask']:
-        masks = paste_masks(outputs[3], boxes, shape2d, meta['mask_paste'])
+        masks = paste_masks(tf.cast(outputs[3], tf.float32), boxes, shape2d, meta['mask_paste'])
         extra = shape_out - shape2d
         ret.append(tf.pad(masks, [[0, k - num], [0, extra[0]], [0, extra[1]]]))
     return tuple(ret)
@@ -277,6 +328,8 @@ def _write_metadata(directory, meta):
         'K = {} (padded with zeros after num_detections), score threshold {}, mask '
         'threshold {} ({} paste).'.format(meta['max_detections'], meta['score_threshold'],
                                           meta['mask_threshold'], meta['mask_paste']),
+        'Precision: {}.'.format('bf16 (convolutions and matmuls in bfloat16 inside the graph)'
+                                if meta['precision'] == 'bf16' else 'float32'),
         'Classes: ' + ', '.join('{}={}'.format(i, n) for i, n in
                                 enumerate(meta['class_names'])),
     ]
@@ -292,7 +345,8 @@ def export_savedmodel(predictor, directory, meta):
         predictor: a tensorpack ``OfflinePredictor`` of the configured model (predict.py).
         meta: `serving_metadata`.
     """
-    graph, signatures = build_serving_graph(inner_graph_def(predictor), meta)
+    inner = inner_graph_def(predictor, precision=meta['precision'])
+    graph, signatures = build_serving_graph(inner, meta)
     build = tf1.saved_model.utils.build_tensor_info
     with graph.as_default(), tf1.Session(graph=graph) as sess:
         signature_map = {
@@ -314,7 +368,8 @@ def export_frozen_graph(predictor, filename, meta):
     ``images:0`` -> ``num_detections:0``, ``boxes:0``, ... (`SIGNATURE_OUTPUTS`) and
     ``encoded/encoded:0`` -> ``encoded/boxes:0``, ..., ``encoded/image_sizes:0``. The
     metadata (`serving_metadata`) goes next to it as ``<filename>.json``."""
-    graph, _ = build_serving_graph(inner_graph_def(predictor), meta)
+    graph, _ = build_serving_graph(inner_graph_def(predictor, precision=meta['precision']),
+                                   meta)
     with open(filename, 'wb') as f:
         f.write(graph.as_graph_def().SerializeToString())
     with open(filename + '.json', 'w') as f:

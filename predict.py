@@ -12,7 +12,7 @@
 --export-savedmodel / --export-pb write the model end to end (original images in,
 detections in their pixels out, masks pasted): plain TensorFlow can serve them (export.py,
 README "Serving"). --precision sets TRAIN.PRECISION for this run ('auto': bf16 where the CPU
-has AMX or AVX512-BF16 units, else fp32; exports are float32 graphs either way).
+has AMX or AVX512-BF16 units, else fp32; with bf16 the exports carry the bf16 rewrite).
 
 --load takes a checkpoint directory (its latest checkpoint), a checkpoint prefix or an .npz.
 The config is the training run's own (the config.yaml that train.py wrote next to the

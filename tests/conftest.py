@@ -36,3 +36,22 @@ def fresh_cfg():
     restored afterwards. The one way tests change config keys."""
     with _cfg.override() as c:
         yield c
+
+
+@pytest.fixture
+def coco_split(tmp_path):
+    """(dataset name, json path) of tests/stand_in.py's registered COCO split."""
+    from tests.stand_in import write_coco_split
+    return write_coco_split(tmp_path)
+
+
+@pytest.fixture
+def stand_in_cfg(fresh_cfg):
+    """The config under which tests/stand_in.py's images are predicted at their own size."""
+    fresh_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 48  # the images' own size: no resampling
+    fresh_cfg.PREPROC.MAX_SIZE = 1000
+    fresh_cfg.PREPROC.IMAGE_CHANNELS = 3
+    fresh_cfg.PREPROC.CHANNEL_ORDER = 'BGR'
+    fresh_cfg.MODE_MASK = True
+    fresh_cfg.TRAIN.NUM_GPUS = 0
+    return fresh_cfg

@@ -241,14 +241,20 @@ def _pasted_scene():
     return Sample(img, np.float32([[50, 4, 78, 28]]), np.array([False]), np.int64([3]), [[p]])
 
 
-def test_train_dataflow_pastes_from_the_training_images(fresh_cfg, tmp_path):
-    """get_train_dataflow hands copy-paste its roidbs: images gain the other's instances."""
+@pytest.mark.parametrize('workers', [0, 2])
+def test_train_dataflow_pastes_from_the_training_images(fresh_cfg, tmp_path, workers):
+    """get_train_dataflow hands copy-paste its roidbs: images gain the other's instances,
+    in this process or in worker processes (which copy the pool when they fork); taking
+    20 datapoints from the endless worker flow stops, and its workers go when it does."""
+    import itertools
+    import psutil
     from dataset import DatasetRegistry
     from tests.tiny import ListSplit
     from utils.graph_inputs import input_names
     roidbs = _scene_roidbs(tmp_path)
     DatasetRegistry.register('test_augment_paste', lambda: ListSplit(roidbs))
-    fresh_cfg.update_args(['DATA.TRAIN=test_augment_paste', 'DATA.NUM_WORKERS=0',
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    fresh_cfg.update_args(['DATA.TRAIN=test_augment_paste', 'DATA.NUM_WORKERS={}'.format(workers),
                            'PREPROC.MAX_SIZE=200', 'MRCNN.GT_MASK_SIZE=28',
                            'PREPROC.AUGMENTATIONS=[["LargeScaleJitter", {"size": 128, '
                            '"min_scale": 0.8, "max_scale": 1.2}], ["CopyPaste", {"prob": 1}]]'])
@@ -256,7 +262,8 @@ def test_train_dataflow_pastes_from_the_training_images(fresh_cfg, tmp_path):
     df.reset_state()
     names = input_names(fresh_cfg.MODE_FPN, fresh_cfg.MODE_MASK, fresh_cfg.FPN.ANCHOR_STRIDES)
     labels = set()
-    for dp in (dp for _ in range(10) for dp in df):  # 10 epochs of the 2 images
+    epochs = (dp for _ in itertools.count() for dp in df)  # endless: 2 images an epoch
+    for dp in itertools.islice(epochs, 20):
         dp = dict(zip(names, dp))
         assert dp['image'].shape == (128, 128, 3)
         assert len(dp['gt_masks']) == len(dp['gt_boxes']) == len(dp['gt_labels'])
@@ -264,6 +271,12 @@ def test_train_dataflow_pastes_from_the_training_images(fresh_cfg, tmp_path):
     # The pool is both images (an image may paste itself, p = 1/2): some datapoint of the
     # 20 has a's instances (classes 1, 2) and b's (3) together.
     assert any(1 in ls and 3 in ls for ls in labels), labels
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert len(started) == workers
+    epochs.close()
+    del df, epochs
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, alive
 
 
 def test_the_list_survives_a_run_config_yaml(fresh_cfg, tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import eval as ev
-from test_eval import add_corrupt_image, coco_split, stand_in_cfg, test_cfg  # noqa: F401
+from tests.stand_in import add_corrupt_image
 from test_train import ROOT, fail_info, run_train
 from tiny import TINY
 from utils import distributed
@@ -56,7 +56,7 @@ def test_merge_restores_order_and_rejects_gaps():
 
 def colour_boxes(image):
     """A stand-in model_func: the box of the pure red and of the pure green pixels (as
-    tests/test_eval.py's StandInModel), score from the image's content."""
+    tests/stand_in.py's StandInModel), score from the image's content."""
     boxes = []
     for ch in (2, 1):
         ys, xs = np.nonzero((image[:, :, ch] > 200) & (image.sum(axis=2) - image[:, :, ch] < 50))

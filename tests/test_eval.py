@@ -4,27 +4,21 @@ import os
 import tracemalloc
 import types
 
-import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
-from tensorpack import ModelDesc, OfflinePredictor, PredictConfig, TrainConfig
+from tensorpack import OfflinePredictor, PredictConfig, TrainConfig
 from tensorpack import SimpleTrainer, launch_train_with_config
 from tensorpack.dataflow import DataFromList
 from tensorpack.utils import logger
 
 import eval as ev
 import viz
-from dataset import register_coco_json
+from tests.stand_in import StandInModel, add_corrupt_image, make_image
 
 tf1 = tf.compat.v1
-
-
-@pytest.fixture
-def test_cfg(fresh_cfg):
-    return fresh_cfg
 
 
 # ------------------------------------------------------------------ mask pasting
@@ -163,9 +157,9 @@ def test_rle_pasting_matches_full_masks_and_bounds_memory():
 
 
 # ------------------------------------------------------------------ predict_image
-def test_predict_image_maps_boxes_back_per_axis(test_cfg):
-    test_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 50
-    test_cfg.PREPROC.MAX_SIZE = 1000
+def test_predict_image_maps_boxes_back_per_axis(fresh_cfg):
+    fresh_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 50
+    fresh_cfg.PREPROC.MAX_SIZE = 1000
     seen = []
 
     def model_func(resized):  # a known box: the whole resized image, and one fixed box
@@ -185,9 +179,9 @@ def test_predict_image_maps_boxes_back_per_axis(test_cfg):
     assert set(timings) == set(ev.PHASES) and all(t >= 0 for t in timings.values())
 
 
-def test_predict_image_masks_full_and_rle_agree(test_cfg):
-    test_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 30  # 60 x 80 -> 30 x 40
-    test_cfg.PREPROC.MAX_SIZE = 1000
+def test_predict_image_masks_full_and_rle_agree(fresh_cfg):
+    fresh_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 30  # 60 x 80 -> 30 x 40
+    fresh_cfg.PREPROC.MAX_SIZE = 1000
 
     def model_func(resized):  # box in resized pixels = (5, 5, 25, 15) in the original
         return (np.float32([[2.5, 2.5, 12.5, 7.5]]), np.float32([1.]), np.int32([1]),
@@ -202,100 +196,8 @@ def test_predict_image_masks_full_and_rle_agree(test_cfg):
 
 
 # ------------------------------------------------------------------ a stand-in model
-# Images: black, one pure red rectangle (class 1) and one pure green rectangle (class 2).
-RECTS = {1: (2, 'red'), 2: (1, 'green')}  # class -> (BGR channel, name)
-
-
-class StandInModel(ModelDesc):
-    """The inference interface of NOTES.md, computed from the image with tf ops: each
-    class's box is the bounding box of the pixels of its pure colour; masks are all ones."""
-
-    def inputs(self):
-        return [tf.TensorSpec([None, None, 3], tf.float32, 'image')]
-
-    def build_graph(self, image):
-        w = tf1.get_variable('w', [], initializer=tf1.zeros_initializer())
-        boxes = []
-        for ch, _ in RECTS.values():
-            others = [c for c in range(3) if c != ch]
-            fg = (image[:, :, ch] > 200) & tf.reduce_all(
-                tf.gather(image, others, axis=2) < 50, axis=2)
-            cols = tf.where(tf.reduce_any(fg, axis=0))[:, 0]
-            rows = tf.where(tf.reduce_any(fg, axis=1))[:, 0]
-            boxes.append(tf.stack([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]))
-        boxes = tf.cast(tf.stack(boxes), tf.float32) + 0. * w
-        tf.identity(boxes, name='output/boxes')
-        tf.identity(tf.ones([2]) * 0.9, name='output/scores')
-        tf.constant(list(RECTS), dtype=tf.int32, name='output/labels')
-        tf.ones([2, 28, 28], name='output/masks')
-        return tf.square(w - 1., name='cost')
-
-    def optimizer(self):
-        return tf1.train.GradientDescentOptimizer(0.1)
-
-
-def make_image(rs, h=48, w=64):
-    """uint8 [h, w, 3] BGR image with the two rectangles (red left, green right, never
-    overlapping) and their boxes {class: [x1, y1, x2, y2]}."""
-    img = np.zeros((h, w, 3), dtype=np.uint8)
-    boxes = {}
-    for cls, (ch, _) in RECTS.items():
-        x1 = int(rs.randint(0, w // 2 - 20)) + (cls - 1) * (w // 2)
-        y1 = int(rs.randint(0, h - 20))
-        x2, y2 = x1 + int(rs.randint(8, 20)), y1 + int(rs.randint(8, 20))
-        img[y1:y2, x1:x2, ch] = 255
-        boxes[cls] = [x1, y1, x2, y2]
-    return img, boxes
-
-
-@pytest.fixture
-def coco_split(tmp_path):
-    """A registered COCO json with non-contiguous category ids 3 (red) and 7 (green).
-
-    Returns:
-        (dataset name, json path)
-    """
-    rs = np.random.RandomState(3)
-    images, anns = [], []
-    for i in range(4):
-        img, boxes = make_image(rs)
-        cv2.imwrite(str(tmp_path / 'im{}.png'.format(i)), img)
-        images.append({'id': i + 10, 'file_name': 'im{}.png'.format(i), 'height': 48,
-                       'width': 64})
-        for cls, cat in ((1, 3), (2, 7)):
-            x1, y1, x2, y2 = boxes[cls]
-            anns.append({'id': len(anns) + 1, 'image_id': i + 10, 'category_id': cat,
-                         'bbox': [x1, y1, x2 - x1, y2 - y1], 'iscrowd': 0,
-                         'area': (x2 - x1) * (y2 - y1),
-                         'segmentation': [[x1, y1, x2, y1, x2, y2, x1, y2]]})
-    cats = [{'id': 7, 'name': 'green'}, {'id': 3, 'name': 'red'}]
-    json_file = tmp_path / 'instances.json'
-    json_file.write_text(json.dumps({'images': images, 'annotations': anns,
-                                     'categories': cats}))
-    name = 'test_eval_{}'.format(tmp_path.name)
-    register_coco_json(name, str(json_file), str(tmp_path))
-    return name, str(json_file)
-
-
-def add_corrupt_image(tmp_path, json_file):
-    """Append an unreadable image (id 99) to the split's json: it must be skipped."""
-    with open(json_file) as f:
-        gt = json.load(f)
-    gt['images'].append({'id': 99, 'file_name': 'corrupt.png', 'height': 48, 'width': 64})
-    (tmp_path / 'corrupt.png').write_bytes(b'not a png')
-    with open(json_file, 'w') as f:
-        json.dump(gt, f)
-
-
-@pytest.fixture
-def stand_in_cfg(test_cfg):
-    test_cfg.PREPROC.TEST_SHORT_EDGE_SIZE = 48  # the images' own size: no resampling
-    test_cfg.PREPROC.MAX_SIZE = 1000
-    test_cfg.PREPROC.IMAGE_CHANNELS = 3
-    test_cfg.PREPROC.CHANNEL_ORDER = 'BGR'
-    test_cfg.MODE_MASK = True
-    test_cfg.TRAIN.NUM_GPUS = 0
-    return test_cfg
+# tests/stand_in.py: StandInModel, make_image, RECTS; fixtures coco_split and stand_in_cfg
+# (tests/conftest.py).
 
 
 def test_evaluate_on_dataset_original_ids_and_perfect_ap(stand_in_cfg, coco_split, tmp_path):

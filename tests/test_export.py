@@ -172,3 +172,15 @@ def test_category_ids_are_the_training_json_ids(tmp_path):
         meta = export.serving_metadata(predict.class_category_ids())
     assert meta['class_names'] == ['BG', 'circle', 'square', 'triangle']
     assert meta['category_ids'] == [2, 5, 9]
+
+
+def test_bf16_export_needs_onednn(monkeypatch):
+    """Without TensorFlow's oneDNN ops the bf16 rewrite would change nothing: a user error
+    (predict.py prints it as one "Error: ..." line) instead of a float32 graph labelled bf16."""
+    import tensorflow as tf
+
+    import export
+    from utils.training import UserInputError
+    monkeypatch.setattr(export, 'onednn_enabled', lambda: False)
+    with pytest.raises(UserInputError, match='TF_ENABLE_ONEDNN_OPTS=1'):
+        export.bf16_graph_def(tf.compat.v1.GraphDef(), [])

@@ -82,8 +82,9 @@ import os, sys
 assert os.path.abspath(ROOT) not in [os.path.abspath(p or '.') for p in sys.path], sys.path
 
 
-def run_frozen(path, fetches, feeds):
-    \"\"\"Run a frozen GraphDef file: session.run(fetches, feeds) by tensor names.\"\"\"
+def iter_frozen(path, fetches, feeds):
+    \"\"\"Run a frozen GraphDef file once per feed dict of ``feeds``, in one session: yields
+    session.run(fetches, feed) (tensors by name), one feed at a time.\"\"\"
     import tensorflow as tf
     graph_def = tf.compat.v1.GraphDef()
     with open(path, 'rb') as f:
@@ -91,7 +92,13 @@ def run_frozen(path, fetches, feeds):
     with tf.Graph().as_default() as g:
         tf.compat.v1.import_graph_def(graph_def, name='')
         with tf.compat.v1.Session(graph=g) as sess:
-            return sess.run(fetches, feeds)
+            for feed in feeds:
+                yield sess.run(fetches, feed)
+
+
+def run_frozen(path, fetches, feed):
+    \"\"\"Run a frozen GraphDef file: session.run(fetches, feed) by tensor names.\"\"\"
+    return next(iter_frozen(path, fetches, [feed]))
 """
 _PLAIN_EPILOGUE = """
 own = [m.__name__ for m in list(sys.modules.values())
@@ -104,7 +111,8 @@ assert not own, own
 def run_plain_tensorflow(body, workdir, **names):
     """Run the Python source ``body`` as a user without this project would: a fresh process,
     no PYTHONPATH, in ``workdir``; each of ``names`` (and ROOT) is a global of the script,
-    and so is ``run_frozen(path, fetches, feeds)`` (a frozen GraphDef file, run).
+    and so are ``run_frozen(path, fetches, feed)`` (a frozen GraphDef file, run) and
+    ``iter_frozen(path, fetches, feeds)`` (run once per feed, lazily).
     It fails if the project is on sys.path or any project module got imported.
 
     Returns:
