@@ -114,13 +114,14 @@ def _run_losses(batch, weights=None):
     with tf.Graph().as_default():
         step = _step()
         with tf.Session() as sess:
-            sess.run(tf.global_variables_initializer())
-            for v in tf.global_variables():
-                if weights is not None and v.op.name in weights:
-                    v.load(weights[v.op.name], sess)
+            variables = tf.global_variables()
+            # one run each (a run per variable would prune and optimise the graph each time)
+            init = {v.initializer.inputs[1]: weights[v.op.name] for v in variables
+                    if weights is not None and v.op.name in weights}
+            sess.run([v.initializer for v in variables], init)
             feed = dict(zip(step.placeholders, batch))
             values = sess.run(step.losses, feed)
-            weights = {v.op.name: sess.run(v) for v in tf.global_variables()}
+            weights = dict(zip([v.op.name for v in variables], sess.run(variables)))
             sess.run(step.train_op, feed)
             after = sess.run(step.losses, feed)
     assert all(np.isfinite(v) for v in after.values()), after
