@@ -158,6 +158,9 @@ def _validate():
         _fail('MRCNN.RESOLUTION must be even (the head upsamples 2x).')
     if C.TRAIN.GRADIENT_ACCUMULATION < 1:
         _fail('TRAIN.GRADIENT_ACCUMULATION must be >= 1.')
+    n = C.TRAIN.IMAGES_PER_DEVICE
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        _fail('TRAIN.IMAGES_PER_DEVICE must be an integer >= 1, got {!r}.'.format(n))
     if not C.DATA.TRAIN:
         _fail('DATA.TRAIN names no dataset.')
 
@@ -234,4 +237,9 @@ def finalize_configs(is_training, num_gpus=None, *, registry):
         from tensorpack.utils import logger
         logger.warn('TRAIN.PRECISION=fp16 needs a GPU: predicting in fp32 on this CPU.')
         _C.TRAIN.PRECISION = 'fp32'
+    if is_training and _C.BACKBONE.NORM == 'BN' and _C.TRAIN.IMAGES_PER_DEVICE < 4:
+        from tensorpack.utils import logger
+        logger.warn('BACKBONE.NORM=BN with TRAIN.IMAGES_PER_DEVICE={}: batch statistics of so '
+                    'few images are noisy; consider SyncBN, GN or FreezeBN (README).'.format(
+                        _C.TRAIN.IMAGES_PER_DEVICE))
     _C.freeze()

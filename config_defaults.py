@@ -11,7 +11,7 @@ from config_tree import AttrDict
 # acts on the key (named in brackets).
 TRAINERS = ('replicated', 'horovod')                  # TRAINER (train.py)
 DEPTHS = (18, 34, 50, 101)                            # BACKBONE.DEPTH (modeling/backbone.py)
-NORMS = ('FreezeBN', 'SyncBN', 'GN', 'None')          # BACKBONE.NORM (modeling/backbone.py)
+NORMS = ('FreezeBN', 'BN', 'SyncBN', 'GN', 'None')    # BACKBONE.NORM (modeling/backbone.py)
 FPN_NORMS = ('None', 'GN')                            # FPN.NORM (modeling/model_fpn.py)
 FREEZE_AT = (0, 1, 2)                                 # BACKBONE.FREEZE_AT
 TRAINABLE_LAYERS = ('all', '3+', '4+', '5+', 'heads')  # BACKBONE.TRAINABLE (backbone.py)
@@ -69,7 +69,7 @@ _C.DATA.MAX_GT_INSTANCES = 0  # >0: a random subset of this many instances per i
 # ---------------------------------------------------------------------------- backbone
 _C.BACKBONE.WEIGHTS = ''    # .npz / checkpoint to start from when train.py has no --load
 _C.BACKBONE.DEPTH = 50      # ResNet depth: 18 or 34 (basic blocks), 50 or 101 (bottleneck)
-_C.BACKBONE.NORM = 'FreezeBN'  # 'FreezeBN', 'SyncBN', 'GN' or 'None'
+_C.BACKBONE.NORM = 'FreezeBN'  # 'FreezeBN', 'BN', 'SyncBN', 'GN' or 'None' (README: choosing)
 _C.BACKBONE.FREEZE_AT = 2   # 0: train everything; 1: freeze the stem; 2: also freeze res2
 # Which layers train (a memory knob): 'all', '3+', '4+', '5+' (backbone stages from
 # res3/res4/res5 on, plus all heads) or 'heads' (no backbone layer trains).
@@ -94,6 +94,9 @@ _C.TRAIN.LR_SCHEDULE = (60000, 80000, 90000)  # decay x0.1 at the first two; sto
 _C.TRAIN.MOMENTUM = 0.9
 _C.TRAIN.WEIGHT_DECAY = 1e-4
 _C.TRAIN.GRADIENT_ACCUMULATION = 1  # updates every k steps, so few devices match the batch
+# Images per device per step (an int >= 1): the data pipeline pads a group of images of
+# similar aspect ratio into one [N, H, W, C] batch; losses are per image, then averaged.
+_C.TRAIN.IMAGES_PER_DEVICE = 1
 _C.TRAIN.STEPS_PER_EPOCH = 500
 _C.TRAIN.CHECKPOINT_PERIOD = 20  # epochs
 _C.TRAIN.EVAL_PERIOD = 50       # epochs; 0 disables evaluation during training

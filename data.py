@@ -23,6 +23,7 @@ from augment import Sample, apply_augmentors, build_augmentors, full_mask_to_box
 from common import (ImageReadError, clip_boxes, filter_boxes_inside_shape,
                     polygons_to_box_frame_mask, read_image)
 from config import config as cfg
+from data_batch import AspectRatioGroups, pad_batch
 from dataset import DatasetError, DatasetRegistry
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
 from utils.forked import release_freed_memory, run_in_forked_process
@@ -341,7 +342,8 @@ def _training_roidbs(shard):
 
 
 def get_train_dataflow(shard=None):
-    """The training dataflow: lists ordered as `utils.graph_inputs.input_names`.
+    """The training dataflow: lists ordered as `utils.graph_inputs.input_names`; with
+    TRAIN.IMAGES_PER_DEVICE = N > 1, batches of N images of one orientation (`data_batch`).
 
     Roidbs of every dataset in DATA.TRAIN are concatenated, images without a usable
     non-crowd box dropped (DATA.FILTER_EMPTY_ANNOTATIONS), shuffled each epoch and
@@ -374,5 +376,14 @@ def get_train_dataflow(shard=None):
                                  buffer_size=_BUFFER_PER_WORKER * workers)
     else:
         ds = MapData(ds, preprocess)
-    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
-    return MapData(ds, lambda dp: [dp[n] for n in names])
+    images = cfg.TRAIN.IMAGES_PER_DEVICE
+    names = input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES, images > 1)
+    if images == 1:
+        return MapData(ds, lambda dp: [dp[n] for n in names])
+    # Workers prepare single images; grouping and padding them is cheap, done here.
+    groups = AspectRatioGroups(images)
+
+    def group(dp):
+        full = groups.add(dp)
+        return None if full is None else pad_batch(full, names)
+    return MapData(ds, group)  # MapData drops the None of a group not yet full

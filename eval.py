@@ -23,10 +23,12 @@ from tensorpack.utils import logger
 from common import ImageReadError, clip_boxes, read_image, resize_shortest_edge, scale_boxes
 from config import config as cfg
 from dataset import DatasetRegistry
+from eval_batch import BatchModel, batch_output_names
 from utils.distributed import predict_on_devices, predict_on_ranks
 
 __all__ = ['DetectionResult', 'get_inference_output_names', 'paste_mask', 'iter_paste_masks',
-           'encode_mask', 'paste_masks_rle', 'predict_image', 'predict_image_with_proposals',
+           'encode_mask', 'paste_masks_rle', 'predict_image', 'predict_images',
+           'predict_image_with_proposals',
            'detection_to_dict', 'predict_dataflow', 'read_inference_images',
            'predict_roidbs', 'evaluate_on_dataset', 'EvalCallback', 'PHASES']
 
@@ -186,23 +188,30 @@ def _add_time(timings, phase, start):
     return now
 
 
-def _run_model(img, model_func, timings):
-    """Resize ``img`` for testing and run the graph.
-
-    Returns:
-        (outputs, (sy, sx)): the graph's outputs (list of arrays, in resized pixels) and the
-        exact per-axis factors from resized to original pixels (rounding the resized size
-        makes them differ slightly); with TEST.ISOTROPIC_SCALE_BACK their geometric mean
-        on both axes (tensorpack).
-    """
-    start = time.perf_counter()
+def _resize_for_test(img):
+    """(resized image, (sy, sx)): the exact per-axis factors from resized to original
+    pixels (rounding the resized size makes them differ slightly); with
+    TEST.ISOTROPIC_SCALE_BACK their geometric mean on both axes (tensorpack)."""
     resized, _ = resize_shortest_edge(img, cfg.PREPROC.TEST_SHORT_EDGE_SIZE,
                                       cfg.PREPROC.MAX_SIZE, uint8=cfg.PREPROC.RESIZE_UINT8)
     back = (img.shape[0] / resized.shape[0], img.shape[1] / resized.shape[1])
     if cfg.TEST.ISOTROPIC_SCALE_BACK:
         back = (float(np.sqrt(back[0] * back[1])),) * 2
+    return resized, back
+
+
+def _run_model(img, model_func, timings):
+    """Resize ``img`` for testing and run the graph.
+
+    Returns:
+        (outputs, (sy, sx)): the graph's outputs (list of arrays, in resized pixels) and
+        the factors back to original pixels (`_resize_for_test`).
+    """
+    start = time.perf_counter()
+    resized, back = _resize_for_test(img)
     start = _add_time(timings, 'preprocess', start)
-    outputs = model_func(resized)
+    outputs = model_func([resized])[0] if isinstance(model_func, BatchModel) else \
+        model_func(resized)
     _add_time(timings, 'graph', start)
     return outputs, back
 
@@ -246,6 +255,26 @@ def predict_image(img, model_func, mask_format='full', timings=None):
     return results
 
 
+def predict_images(imgs, model_func, mask_format='full', timings=None):
+    """Detect objects in several images, one graph run for all with a `BatchModel` of at
+    least ``len(imgs)`` images (else one run each, `predict_image`).
+
+    Returns:
+        list (per image) of lists of DetectionResult, as `predict_image` gives each.
+    """
+    if not isinstance(model_func, BatchModel) or len(imgs) == 1:
+        return [predict_image(img, model_func, mask_format, timings) for img in imgs]
+    start = time.perf_counter()
+    resized, backs = zip(*[_resize_for_test(img) for img in imgs])
+    start = _add_time(timings, 'preprocess', start)
+    outputs = model_func(list(resized))
+    start = _add_time(timings, 'graph', start)
+    results = [_postprocess(out, back, img.shape, mask_format)
+               for out, back, img in zip(outputs, backs, imgs)]
+    _add_time(timings, 'postprocess', start)
+    return results
+
+
 def predict_image_with_proposals(img, model_func, mask_format='rle'):
     """Like `predict_image`, for a ``model_func`` that also returns the RPN proposals
     (``output/proposal_boxes``, float32 [K, 4] resized pixels) as its LAST output.
@@ -271,11 +300,11 @@ def detection_to_dict(result, image_id):
 
 
 def predict_dataflow(df, model_func, tqdm_bar=None):
-    """Run `predict_image` on every image of ``df``.
+    """Run `predict_images` on every image of ``df``, a batch at a time.
 
     Args:
         df: an iterable (e.g. a tensorpack DataFlow) of (img float32 [H, W, C], image_id).
-        model_func: as in `predict_image`.
+        model_func: as in `predict_image`, or a `BatchModel`.
         tqdm_bar: a tqdm bar updated once per image, or None.
     Returns:
         list of result dicts (`detection_to_dict`), masks as RLE.
@@ -283,12 +312,17 @@ def predict_dataflow(df, model_func, tqdm_bar=None):
     if hasattr(df, 'reset_state'):
         df.reset_state()
     all_results = []
-    for img, image_id in df:
-        results = predict_image(img, model_func, mask_format='rle')
-        all_results.extend(detection_to_dict(r, image_id) for r in results)
+    batch_size = getattr(model_func, 'batch_size', 1)
+    it = iter(df)
+    while True:
+        batch = list(itertools.islice(it, batch_size))
+        if not batch:
+            return all_results
+        imgs, ids = zip(*batch)
+        for results, image_id in zip(predict_images(imgs, model_func, 'rle'), ids):
+            all_results.extend(detection_to_dict(r, image_id) for r in results)
         if tqdm_bar is not None:
-            tqdm_bar.update(1)
-    return all_results
+            tqdm_bar.update(len(batch))
 
 
 def read_inference_images(roidbs, failures, tqdm_bar=None):
@@ -378,8 +412,14 @@ class EvalCallback(Callback):
         self._horovod = cfg.TRAINER == 'horovod'  # a Horovod rank sees its own GPU as 0
         num_gpus = cfg.TRAIN.NUM_GPUS if not self._horovod else min(cfg.TRAIN.NUM_GPUS, 1)
         devices = range(num_gpus) if num_gpus > 0 else [-1]  # -1: tensorpack's '/cpu:0' tower
-        self._predictors = [self.trainer.get_predictor(['image'], get_inference_output_names(),
-                                                       device=d) for d in devices]
+        names, images = get_inference_output_names(), cfg.TRAIN.IMAGES_PER_DEVICE
+        if images == 1:
+            self._predictors = [self.trainer.get_predictor(['image'], names, device=d)
+                                for d in devices]
+        else:  # the training model's inference tower takes as many images as it trains on
+            self._predictors = [BatchModel(self.trainer.get_predictor(
+                ['image', 'image_sizes'], batch_output_names(names, images), device=d),
+                images, len(names)) for d in devices]
 
     def _before_train(self):
         last = self.trainer.max_epoch

@@ -55,6 +55,9 @@ def parse_args(argv=None):
                    help='evaluate on cfg.DATA.VAL and write COCO-format results here')
     p.add_argument('--benchmark', type=int, metavar='N',
                    help='time N images (from --predict, else the first DATA.VAL set)')
+    p.add_argument('--batch-size', type=int, default=1, metavar='N',
+                   help='images per graph run for --predict, --evaluate and --benchmark '
+                        '(results equal those of one image at a time)')
     p.add_argument('--visualize', type=int, metavar='N',
                    help='panels of ground truth | proposals | predictions for N training images')
     p.add_argument('--export-savedmodel', metavar='DIR', help='write a SavedModel to DIR')
@@ -106,44 +109,63 @@ def output_stems(paths):
     return stems
 
 
-def predict_config(weights, extra_outputs=()):
-    """The PredictConfig of the configured model; ``weights``: a utils.training.WeightsLoader
-    (None: freshly initialised weights, e.g. for benchmarks). Its session comes from
+def predict_config(weights, extra_outputs=(), batch_size=1):
+    """The PredictConfig of the configured model for ``batch_size`` images per run (its
+    outputs `eval_batch.batch_output_names` when more than one); ``weights``: a
+    utils.training.WeightsLoader (None: freshly initialised weights, e.g. for
+    benchmarks). Its session comes from
     `utils.precision.session_creator` (threads, TRAIN.PRECISION's graph rewrite); under
     horovodrun each rank takes its share of the cores and its local GPU."""
     from tensorpack import PredictConfig
 
     from eval import get_inference_output_names
-    from modeling.generalized_rcnn import build_model
+    from eval_batch import batch_output_names
+    from modeling.generalized_rcnn import build_model, model_input_names
     from utils.distributed import horovod_local_rank_size
     from utils.precision import session_creator
-    model = build_model()
+    model = build_model(images=batch_size)
+    names = get_inference_output_names() + list(extra_outputs)
+    if batch_size > 1:
+        names = batch_output_names(names, batch_size)
     local_rank, local_size = horovod_local_rank_size()
     # all cores (tensorpack's default is 1 intra-op thread) and TRAIN.PRECISION's rewrite
     creator = session_creator(cfg.TRAIN.PRECISION, processes_per_machine=local_size)
     if local_size > 1 and cfg.TRAIN.NUM_GPUS > 0:  # one GPU per rank, as HorovodTrainer does
         creator.config.gpu_options.visible_device_list = str(local_rank)
     return PredictConfig(
-        model=model, session_init=weights, input_names=['image'],
-        output_names=get_inference_output_names() + list(extra_outputs),
+        model=model, session_init=weights,
+        input_names=model_input_names(False, batch_size), output_names=names,
         session_creator=creator)
 
 
-def build_predictor(weights, extra_outputs=()):
-    """An OfflinePredictor of `predict_config`.
+def _batched(predictor, batch_size, num_outputs):
+    from eval_batch import BatchModel
+    return predictor if batch_size == 1 else BatchModel(predictor, batch_size, num_outputs)
+
+
+def build_predictor(weights, extra_outputs=(), batch_size=1):
+    """An OfflinePredictor of `predict_config`; with ``batch_size`` > 1 in a
+    `eval_batch.BatchModel`.
 
     Raises:
         KeyError: an output name (e.g. of ``extra_outputs``) is not in the graph.
     """
     from tensorpack import OfflinePredictor
-    return OfflinePredictor(predict_config(weights, extra_outputs))
+
+    from eval import get_inference_output_names
+    predictor = OfflinePredictor(predict_config(weights, extra_outputs, batch_size))
+    return _batched(predictor, batch_size,
+                    len(get_inference_output_names()) + len(extra_outputs))
 
 
-def build_gpu_predictors(weights, num_gpus):
+def build_gpu_predictors(weights, num_gpus, batch_size=1):
     """One predictor per GPU, sharing one set of weights (evaluation split over GPUs)."""
     from tensorpack.predict import MultiTowerOfflinePredictor
-    return MultiTowerOfflinePredictor(predict_config(weights),
-                                      list(range(num_gpus))).get_predictors()
+
+    from eval import get_inference_output_names
+    towers = MultiTowerOfflinePredictor(predict_config(weights, batch_size=batch_size),
+                                        list(range(num_gpus))).get_predictors()
+    return [_batched(t, batch_size, len(get_inference_output_names())) for t in towers]
 
 
 def class_category_ids():
@@ -171,37 +193,55 @@ def detections_json(path, img, results):
     return {'file': path, 'height': img.shape[0], 'width': img.shape[1], 'detections': dets}
 
 
-def run_predict(args, predictor):
-    """--predict: one overlay PNG (and JSON) per input; returns the number that worked."""
+def _readable_images(paths, stems, failures):
+    """Yield (path, stem, image) of each readable path; the others go to ``failures``."""
+    from common import ImageReadError, read_image
+    for path, stem in zip(paths, stems):
+        try:
+            yield path, stem, read_image(path)
+        except ImageReadError as e:
+            print(e)
+            failures.append((path, e.reason))
+
+
+def _write_prediction(args, path, stem, img, results):
+    """The overlay PNG (and JSON) of one image's results; prints a line about it."""
     import cv2
 
-    from common import ImageReadError, read_image
-    from eval import predict_image
     from viz import draw_predictions, to_display_bgr
+    overlay = draw_predictions(to_display_bgr(img, cfg.PREPROC.CHANNEL_ORDER), results,
+                               cfg.DATA.CLASS_NAMES, cfg.TEST.RESULT_SCORE_THRESH_VIS)
+    out = os.path.join(args.output, stem + '.png')
+    cv2.imwrite(out, overlay)
+    if args.json:
+        with open(os.path.join(args.output, stem + '.json'), 'w') as f:
+            json.dump(detections_json(path, img, results), f)
+    drawn = sum(r.score >= cfg.TEST.RESULT_SCORE_THRESH_VIS for r in results)
+    print('{}: {} detections, {} drawn (score >= {}) -> {}'.format(
+        path, len(results), drawn, cfg.TEST.RESULT_SCORE_THRESH_VIS, out))
+
+
+def run_predict(args, predictor):
+    """--predict: one overlay PNG (and JSON) per input, --batch-size images per graph run;
+    returns the number that worked."""
+    import itertools
+
+    from eval import predict_images
     paths, failures = expand_inputs(args.predict)
     for pattern, reason in failures:
         print('{}: {}'.format(pattern, reason))
     os.makedirs(args.output, exist_ok=True)
     done = 0
-    for path, stem in zip(paths, output_stems(paths)):
-        try:
-            img = read_image(path)
-        except ImageReadError as e:
-            print(e)
-            failures.append((path, e.reason))
-            continue
-        results = predict_image(img, predictor, mask_format='rle')  # bounded memory
-        overlay = draw_predictions(to_display_bgr(img, cfg.PREPROC.CHANNEL_ORDER), results,
-                                   cfg.DATA.CLASS_NAMES, cfg.TEST.RESULT_SCORE_THRESH_VIS)
-        out = os.path.join(args.output, stem + '.png')
-        cv2.imwrite(out, overlay)
-        if args.json:
-            with open(os.path.join(args.output, stem + '.json'), 'w') as f:
-                json.dump(detections_json(path, img, results), f)
-        drawn = sum(r.score >= cfg.TEST.RESULT_SCORE_THRESH_VIS for r in results)
-        print('{}: {} detections, {} drawn (score >= {}) -> {}'.format(
-            path, len(results), drawn, cfg.TEST.RESULT_SCORE_THRESH_VIS, out))
-        done += 1
+    readable = _readable_images(paths, output_stems(paths), failures)
+    while True:
+        batch = list(itertools.islice(readable, args.batch_size))
+        if not batch:
+            break
+        # masks as RLE: bounded memory for dense scenes
+        all_results = predict_images([img for _, _, img in batch], predictor, 'rle')
+        for (path, stem, img), results in zip(batch, all_results):
+            _write_prediction(args, path, stem, img, results)
+            done += 1
     if failures:
         print('{} of {} inputs failed:'.format(len(failures), len(failures) + done))
         for path, reason in failures:
@@ -217,7 +257,7 @@ def run_evaluate(args, predictor, weights):
     from utils.distributed import horovod_rank_size
     horovod = horovod_rank_size()[1] > 1
     if cfg.TRAIN.NUM_GPUS > 1 and not horovod:
-        predictor = build_gpu_predictors(weights, cfg.TRAIN.NUM_GPUS)
+        predictor = build_gpu_predictors(weights, cfg.TRAIN.NUM_GPUS, args.batch_size)
     root, ext = os.path.splitext(args.evaluate)
     for name in cfg.DATA.VAL:
         out = args.evaluate if len(cfg.DATA.VAL) == 1 else '{}-{}{}'.format(root, name, ext)
@@ -230,13 +270,14 @@ def run_evaluate(args, predictor, weights):
 
 
 def run_benchmark(args, predictor):
-    """--benchmark N: mean seconds per phase over N images after 2 warm-up runs."""
+    """--benchmark N: mean seconds per phase over N images (--batch-size per graph run)
+    after 2 warm-up runs."""
     import itertools
     import time
 
     from common import ImageReadError, read_image
     from dataset import DatasetRegistry
-    from eval import PHASES, predict_image
+    from eval import PHASES, predict_images
     if args.predict:
         paths = expand_inputs(args.predict)[0]
     else:
@@ -250,14 +291,17 @@ def run_benchmark(args, predictor):
     if not images:
         from utils.training import UserInputError
         raise UserInputError('--benchmark: no readable image.')
-    for img in images[:1] * 2:
-        predict_image(img, predictor, mask_format='rle')
+    stream = list(itertools.islice(itertools.cycle(images), args.benchmark))
+    batches = [stream[i:i + args.batch_size] for i in range(0, len(stream), args.batch_size)]
+    for _ in range(2):
+        predict_images(batches[0], predictor, mask_format='rle')
     timings = {}
     start = time.perf_counter()
-    for img in itertools.islice(itertools.cycle(images), args.benchmark):
-        predict_image(img, predictor, mask_format='rle', timings=timings)
+    for batch in batches:
+        predict_images(batch, predictor, mask_format='rle', timings=timings)
     total = time.perf_counter() - start
     report = {'benchmark': 'predict_image', 'images': args.benchmark,
+              'batch_size': args.batch_size,
               'distinct_images': len(images), 'images_per_s': args.benchmark / total}
     for phase in PHASES:
         report[phase + '_ms'] = 1000. * timings.get(phase, 0.) / args.benchmark
@@ -303,7 +347,7 @@ def run_visualize(args, weights):
 def main(args):
     """Run; a user error (config, path, dataset) ends with one "Error: ..." line, status 1."""
     from utils.distributed import init_horovod_if_launched
-    from utils.training import WeightsLoader
+    from utils.training import UserInputError, WeightsLoader
     init_horovod_if_launched()  # under horovodrun: --evaluate shared by the ranks
     run_config = training_config_file(args.load)
     if args.config_file is None:
@@ -318,6 +362,8 @@ def main(args):
         print('predict.py: precision {} (--precision {})'.format(chosen, args.precision))
         args.config = list(args.config) + ['TRAIN.PRECISION=' + chosen]
     try:
+        if args.batch_size < 1:
+            raise UserInputError('--batch-size must be >= 1, got {}.'.format(args.batch_size))
         setup_config(args, is_training=False, run_config=run_config)
         weights = WeightsLoader(args.load)  # reads the file now: a bad path fails here
         return run(args, weights)
@@ -332,7 +378,7 @@ def run(args, weights):
     from utils.training import UserInputError
     if horovod_rank_size()[0] > 0:  # under horovodrun the other ranks only share --evaluate
         if args.evaluate:
-            run_evaluate(args, build_predictor(weights), weights)
+            run_evaluate(args, build_predictor(weights, batch_size=args.batch_size), weights)
         return 0
     if args.export_savedmodel and os.path.exists(args.export_savedmodel):
         raise UserInputError('--export-savedmodel: "{}" already exists.'.format(
@@ -342,14 +388,18 @@ def run(args, weights):
     if not any([args.predict, args.evaluate, args.benchmark, args.export_savedmodel,
                 args.export_pb]):
         return 0
-    predictor = build_predictor(weights)
+    predictor = None
     if args.export_savedmodel or args.export_pb:
         import export
+        predictor = build_predictor(weights)  # export writes the single-image graph
         meta = export.serving_metadata(class_category_ids())
         if args.export_savedmodel:
             export.export_savedmodel(predictor, args.export_savedmodel, meta)
         if args.export_pb:
             export.export_frozen_graph(predictor, args.export_pb, meta)
+    needs = any([args.evaluate, args.benchmark, args.predict])
+    if needs and (predictor is None or args.batch_size > 1):
+        predictor = build_predictor(weights, batch_size=args.batch_size)
     if args.evaluate:
         run_evaluate(args, predictor, weights)
     if args.benchmark:

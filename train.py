@@ -69,7 +69,7 @@ def _callbacks(logdir, schedule, guard, num_devices, rank):
         EnableCallbackIf(ModelSaver(max_to_keep=10, keep_checkpoint_every_n_hours=1,
                                     checkpoint_dir=logdir), at_checkpoint),
         LRSetter(schedule),
-        ThroughputTracker(samples_per_step=num_devices),
+        ThroughputTracker(samples_per_step=num_devices * cfg.TRAIN.IMAGES_PER_DEVICE),
         EstimatedTimeLeft(median=True),
         HostMemoryTracker(),
         SessionRunTimeout(60000),

@@ -3,15 +3,19 @@
 
     python bench/dense.py                                # 100, 1000, 3000, 5000 instances
     python bench/dense.py --instances 3000 --config BACKBONE.DEPTH=50 PREPROC.MAX_SIZE=1333
+    python bench/dense.py --instances 2000 --config TRAIN.IMAGES_PER_DEVICE=2  # 2 scenes/step
 
 One *step* is what a training iteration costs: the data preprocessing of the image
 (`data.TrainingDataPreprocessor`: read, resize, RPN anchor labels, box-frame masks) plus
 one optimizer step of the graph. The scene is `dataset.shapes.generate_image(dense=True)`
-with exactly N shapes on an H x W image (a few mostly hidden ones are dropped). Every N
-runs in a fresh process, so its peak resident memory (``ru_maxrss``) is its own.
+with exactly N shapes on an H x W image (a few mostly hidden ones are dropped); with
+TRAIN.IMAGES_PER_DEVICE = k, k such scenes (different seeds) padded into one batch
+(`data_batch.pad_batch`). Every N runs in a fresh process, so its peak resident memory
+(``ru_maxrss``) is its own.
 
 Prints one JSON line per N:
-    instances       N asked for;  gt_boxes: instances left after preprocessing
+    instances       N asked for;  gt_boxes: instances left after preprocessing (1st scene)
+    images          scenes per step (TRAIN.IMAGES_PER_DEVICE)
     image_hw        the resized image fed to the graph
     peak_rss_mb     peak resident memory of the whole process (TF runtime, graph, data)
     rss_built_mb    peak resident memory after building the graph, before the first step
@@ -68,7 +72,7 @@ def _write_scene(folder, instances, image_hw, seed):
                                 num_dense=int(round(instances * side * side / (h * w))))
     boxes = roidb['boxes']
     keep = np.flatnonzero((boxes[:, 2] <= w) & (boxes[:, 3] <= h))
-    path = os.path.join(folder, 'dense.png')
+    path = os.path.join(folder, 'dense{}.png'.format(seed))
     cv2.imwrite(path, img[:h, :w])
     return {'file_name': path, 'image_id': 0, 'height': h, 'width': w,
             'boxes': boxes[keep], 'class': roidb['class'][keep],
@@ -91,6 +95,7 @@ def measure(config, instances, image_hw, steps, warmup, seed=0):
 
     from config import config as cfg, finalize_configs
     from data import TrainingDataPreprocessor
+    from data_batch import pad_batch
     from dataset import DatasetRegistry, register_shapes
     from modeling.generalized_rcnn import model_input_names
     from modeling.training_graph import build_training_step
@@ -100,7 +105,8 @@ def measure(config, instances, image_hw, steps, warmup, seed=0):
     cfg.update_args(DEFAULT_CONFIG + list(config))
     finalize_configs(is_training=True, num_gpus=0, registry=DatasetRegistry)
     with tempfile.TemporaryDirectory() as tmp:
-        roidb = _write_scene(tmp, instances, image_hw, seed)
+        images = cfg.TRAIN.IMAGES_PER_DEVICE
+        roidbs = [_write_scene(tmp, instances, image_hw, seed + i) for i in range(images)]
         preprocess = TrainingDataPreprocessor(seed=seed)
         names = model_input_names(True)
         rows, finite = [], True
@@ -113,14 +119,16 @@ def measure(config, instances, image_hw, steps, warmup, seed=0):
             built = harness.peak_rss_mb()
             for _ in range(warmup + steps):
                 start, cpu = time.perf_counter(), time.process_time()
-                dp = preprocess(roidb)
+                dps = [preprocess(roidb) for roidb in roidbs]
                 mid = time.perf_counter()
-                feed = {p: dp[n] for p, n in zip(placeholders, names)}
+                dp = dps[0]
+                inputs = pad_batch(dps, names) if images > 1 else [dp[n] for n in names]
+                feed = dict(zip(placeholders, inputs))
                 values = sess.run([train_op, losses], feed)[1]
                 rows.append((mid - start, time.perf_counter() - mid, time.process_time() - cpu))
                 finite &= all(np.isfinite(v) for v in values.values())
     timed = rows[warmup:] or rows
-    return {'instances': instances, 'gt_boxes': int(len(dp['gt_boxes'])),
+    return {'instances': instances, 'gt_boxes': int(len(dp['gt_boxes'])), 'images': images,
             'image_hw': list(dp['image'].shape[:2]), 'peak_rss_mb': round(harness.peak_rss_mb(), 1),
             'rss_built_mb': round(built, 1),
             'step_s': round(statistics.median(a + b for a, b, _ in timed), 3),

@@ -5,6 +5,7 @@
     python bench/inference.py --profile demo r50-fpn --repeat 3
     python bench/inference.py --onednn 1 --config TRAIN.PRECISION=bf16
     python bench/inference.py --intra 1 --inter 0          # tensorpack's default threads
+    python bench/inference.py --profile demo --batch-size 1 2 4 --repeat 3
 
 The config is the profile's plus TEST.RESULT_SCORE_THRESH=0 (`BENCH_OVERRIDES`: with
 random weights nothing would pass the threshold). The image is a synthetic shapes scene of
@@ -12,7 +13,11 @@ exactly PREPROC.TEST_SHORT_EDGE_SIZE x PREPROC.MAX_SIZE (800 x 1333: the largest
 config feeds, padded to 800 x 1344), read with `common.read_image`. The predictor is predict.py's (`build_predictor`, random weights:
 no pretrained weights here) with the session of `utils.precision` (TRAIN.PRECISION,
 threads from --intra/--inter or RCNN_INTRA_OP_THREADS/RCNN_INTER_OP_THREADS). Each image
-goes through `eval.predict_image(mask_format='rle', timings=...)` as in evaluation.
+goes through `eval.predict_image(mask_format='rle', timings=...)` as in evaluation; with
+--batch-size N, N copies of the image go through one `eval.predict_images` call of the
+N-image predictor (``predict.py --batch-size N``) and its times count 1/N per image
+(--images is rounded down to a multiple of N, at least N; the op trace and FLOP count stay
+those of one image, batch 1).
 
 FLOPs: the inference graph is built again on an input of FIXED shape (the resized image's)
 and run once with grappler off and a full trace, so the heads' dynamic sizes (proposals,
@@ -27,6 +32,7 @@ One JSON line per measurement (each in a fresh process):
     preprocess_ms, graph_ms, postprocess_ms, total_ms   medians over --images images
     *_spread_ms                        [min, max] of each over those images
     images_per_s                       --images / their total wall time
+    batch_size                         images per graph run
     cpu_ms                             CPU time (all threads) per image: on a loaded machine
                                        it shows the work done where wall time shows the wait
     flops, flops_by_op, flops_run_rois achieved_gflops, peak_fraction, peak_gflops
@@ -40,6 +46,7 @@ One JSON line per measurement (each in a fresh process):
 plus the config, precision, data format, threads, oneDNN state, load average, peak RSS.
 """
 import collections
+import json
 import os
 import statistics
 import sys
@@ -122,7 +129,8 @@ def _spread(values):
     return [round(1000 * min(values), 1), round(1000 * max(values), 1)]
 
 
-def measure(profile, config_file, config, intra, inter, onednn, images, warmup, flops):
+def measure(profile, config_file, config, intra, inter, onednn, images, warmup, flops,
+            batch_size=1):
     """In this process: build the predictor, time ``images`` predictions after ``warmup``.
 
     ``onednn`` was applied by `harness.run_isolated` (TF_ENABLE_ONEDNN_OPTS); the record
@@ -142,7 +150,7 @@ def measure(profile, config_file, config, intra, inter, onednn, images, warmup, 
 
     from common import read_image, resize_shortest_edge
     from config import config as cfg
-    from eval import PHASES, predict_image
+    from eval import PHASES, predict_image, predict_images
     from predict import build_predictor
     job = dict(profile=profile, config_file=config_file, config=config, intra=intra,
                inter=inter)
@@ -155,6 +163,7 @@ def measure(profile, config_file, config, intra, inter, onednn, images, warmup, 
     start = time.perf_counter()
     predictor = build_predictor(None)  # None: random weights (tensorpack initialises them)
     build_s = time.perf_counter() - start
+    batched = build_predictor(None, batch_size=batch_size) if batch_size > 1 else None
     graph_ops = predictor.graph.get_operations()
     ret = {'image_hw': list(img.shape[:2]), 'build_s': round(build_s, 1),
            'transposes': sorted(op.name for op in graph_ops if op.type == 'Transpose'),
@@ -169,18 +178,24 @@ def measure(profile, config_file, config, intra, inter, onednn, images, warmup, 
         ret['error'] = '{}: {}'.format(type(e).__name__, ' '.join(
             ln for ln in lines[-3:] if not ln.startswith('[[')))
         return harness.record(job, cfg, **ret)
+    if batched is not None:
+        predict_images([img] * batch_size, batched, mask_format='rle')  # its own warm-up
     rows, detections = [], 0
+    runs = max(1, images // batch_size)
+    images = runs * batch_size
     wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(images):
+    for _ in range(runs):
         timings = {}
-        detections = len(predict_image(img, predictor, mask_format='rle', timings=timings))
-        rows.append(timings)
+        results = predict_images([img] * batch_size, batched or predictor, 'rle', timings)
+        detections = len(results[0])
+        rows.append({k: v / batch_size for k, v in timings.items()})
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     for phase in PHASES + ('total',):
         values = [sum(r.values()) if phase == 'total' else r[phase] for r in rows]
         ret[phase + '_ms'] = round(1000 * statistics.median(values), 1)
         ret[phase + '_spread_ms'] = _spread(values)
     ret.update(detections=detections, images=images, images_per_s=round(images / wall, 3),
+               batch_size=batch_size,
                cpu_ms=round(1000 * cpu / images, 1))
 
     meta = tf.RunMetadata()
@@ -208,10 +223,19 @@ def main(argv=None):
     p.add_argument('--images', type=int, default=5, help='timed images (medians reported)')
     p.add_argument('--no-flops', dest='flops', action='store_false',
                    help='skip the FLOP count (it builds and runs the graph once more)')
+    p.add_argument('--batch-size', type=int, nargs='+', default=[1], metavar='N',
+                   help='images per graph run, one measurement each (default 1)')
     args = p.parse_args(argv)
     if args.job:
         return harness.run_job(measure, args.job)
-    harness.main_loop(__file__, args, images=args.images, warmup=args.warmup, flops=args.flops)
+    if min(args.batch_size) < 1:
+        raise harness.UserError('--batch-size must be >= 1, got {}.'.format(args.batch_size))
+    # N interleaved within each repeat: a drifting load hits every N alike
+    for job in harness.jobs_from_args(args, images=args.images, warmup=args.warmup,
+                                      flops=args.flops):
+        for n in args.batch_size:
+            print(json.dumps(harness.run_isolated(__file__, dict(job, batch_size=n))),
+                  flush=True)
 
 
 if __name__ == '__main__':

@@ -113,7 +113,8 @@ def backbone_scope(freeze):
 
     Frozen: variables are kept out of TRAINABLE_VARIABLES and BatchNorm uses its stored
     statistics. Not frozen: 'FreezeBN' still uses stored statistics (only the affine
-    part trains); 'SyncBN' averages batch statistics over all devices.
+    part trains); 'BN' uses this device's batch statistics (all its images); 'SyncBN'
+    averages batch statistics over all devices.
     """
     norm = cfg.BACKBONE.NORM
     bn_args = {}

@@ -28,7 +28,7 @@ from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
 from utils.graph_inputs import image_pad_multiple, input_names
 from utils.precision import wrap_optimizer
 
-from . import model_frcnn, model_mrcnn
+from . import batching, model_frcnn, model_mrcnn
 from .backbone import num_blocks_for_depth, resnet_c4_backbone, resnet_conv5, resnet_fpn_backbone
 from .model_box import clip_boxes, roi_align
 from .model_cascade import CascadeRCNNHead
@@ -43,24 +43,38 @@ __all__ = ['build_model', 'GeneralizedRCNN', 'ResNetC4Model', 'ResNetFPNModel',
            'CascadeRCNNModel', 'model_input_names']
 
 
-def build_model():
-    """The model the global config describes (MODE_FPN, CASCADE.ENABLED), not yet built."""
+def build_model(images=None):
+    """The model the global config describes (MODE_FPN, CASCADE.ENABLED), not yet built.
+
+    images (int or None): images per graph run; None: TRAIN.IMAGES_PER_DEVICE (a training
+    model; its inference towers, e.g. evaluation during training, take as many)."""
+    images = cfg.TRAIN.IMAGES_PER_DEVICE if images is None else images
     if not cfg.MODE_FPN:
-        return ResNetC4Model()
-    return CascadeRCNNModel() if cfg.CASCADE.ENABLED else ResNetFPNModel()
+        return ResNetC4Model(images)
+    return CascadeRCNNModel(images) if cfg.CASCADE.ENABLED else ResNetFPNModel(images)
 
 
-def model_input_names(is_training):
-    """Ordered graph input names (NOTES.md); training datapoints are lists in this order."""
+def model_input_names(is_training, images=None):
+    """Ordered graph input names (NOTES.md); training datapoints are lists in this order.
+
+    images: images per run (None: TRAIN.IMAGES_PER_DEVICE in training, 1 in inference);
+    more than one adds ``image_sizes`` after ``image``."""
+    if images is None:
+        images = cfg.TRAIN.IMAGES_PER_DEVICE if is_training else 1
     if not is_training:
-        return ['image']
-    return input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES)
+        return ['image', 'image_sizes'] if images > 1 else ['image']
+    return input_names(cfg.MODE_FPN, cfg.MODE_MASK, cfg.FPN.ANCHOR_STRIDES, images > 1)
 
 
 class GeneralizedRCNN(ModelDesc):
     """Shared parts: inputs, image normalisation and padding, optimizer, the cost; the
     hooks ``backbone``, ``rpn`` and ``roi_heads`` are the subclasses' (NotImplementedError
-    here). ``self.training`` (tensorpack) tells whether the graph is a training tower."""
+    here). ``self.training`` (tensorpack) tells whether the graph is a training tower.
+    ``self.images`` images per run: with more than one every input gains a leading batch
+    dimension N and ``image_sizes`` int32 [N, 2] gives each image's true (h, w)."""
+
+    def __init__(self, images=1):
+        self.images = images
 
     def inputs(self):
         c = cfg.PREPROC.IMAGE_CHANNELS
@@ -75,7 +89,11 @@ class GeneralizedRCNN(ModelDesc):
                 specs[name] = tf.TensorSpec((None, None, a), tf.int32, name)
             elif name.startswith('anchor_boxes'):
                 specs[name] = tf.TensorSpec((None, None, a, 4), tf.float32, name)
-        return [specs[n] for n in model_input_names(True)]
+        if self.images > 1:
+            specs = {n: tf.TensorSpec((self.images,) + tuple(s.shape), s.dtype, n)
+                     for n, s in specs.items()}
+            specs['image_sizes'] = tf.TensorSpec((self.images, 2), tf.int32, 'image_sizes')
+        return [specs[n] for n in model_input_names(True, self.images)]
 
     def optimizer(self):
         lr = tf.get_variable('learning_rate', initializer=0.003, trainable=False)
@@ -90,8 +108,10 @@ class GeneralizedRCNN(ModelDesc):
         # before accumulation; fp32/bf16: unchanged (bf16 is a session graph rewrite).
         return wrap_optimizer(opt, cfg.TRAIN.PRECISION)
 
-    def preprocess(self, image):
-        """float32 [H, W, C] raw pixels -> normalised [1, Hp, Wp, C] or [1, C, Hp, Wp].
+    def preprocess(self, image, sizes=None):
+        """float32 [H, W, C] raw pixels -> normalised [1, Hp, Wp, C] or [1, C, Hp, Wp]; or
+        a batch [N, H, W, C] with ``sizes`` int32 [N, 2] true (h, w) -> [N, Hp, Wp, C] (or
+        NCHW), each image zero beyond its true size.
 
         Hp, Wp: H, W padded with zeros (after normalisation) to ``image_pad_multiple``
         (C4 without BACKBONE.C4_PAD_INPUT: not padded).
@@ -101,32 +121,68 @@ class GeneralizedRCNN(ModelDesc):
             std = tf.constant(cfg.PREPROC.PIXEL_STD, tf.float32)
             image = (image - mean) * (1. / std)
             mult = image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT)
-            if mult > 1:
-                shape = tf.shape(image)[:2]
-                padded = tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) / mult) * mult,
-                                 tf.int32)
-                pad = padded - shape
-                image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
-            image = image[None]
+            if sizes is None:
+                image = (_pad_hw(image, mult, 0) if mult > 1 else image)[None]
+            else:  # the batch padding is zero after normalisation, as the pad
+                image = image * batching.valid_pixels(sizes, tf.shape(image)[1:3])
+                image = _pad_hw(image, mult, 1) if mult > 1 else image
             if cfg.BACKBONE.DATA_FORMAT == 'NCHW':
                 image = tf.transpose(image, [0, 3, 1, 2])
             return image
 
     def build_graph(self, *inputs):
-        inputs = dict(zip(model_input_names(self.training), inputs))
-        image_shape2d = tf.shape(inputs['image'])[:2]
-        image = self.preprocess(inputs['image'])
+        inputs = dict(zip(model_input_names(self.training, self.images), inputs))
         # conv0 must learn when the input channels differ from pretrained 3-channel weights
         train_conv0 = cfg.PREPROC.IMAGE_CHANNELS != 3
-        features = self.backbone(image, train_conv0)
-        proposals, rpn_losses_ = self.rpn(features, inputs, image_shape2d)
-        head_losses = self.roi_heads(features, proposals, inputs, image_shape2d)
+        if self.images == 1:
+            image_shape2d = tf.shape(inputs['image'])[:2]
+            features = self.backbone(self.preprocess(inputs['image']), train_conv0)
+            losses = self.image_graph(features, inputs, image_shape2d)
+        elif self.training:
+            losses = self._batch_training_graph(inputs, train_conv0)
+        else:
+            self._batch_inference_graph(inputs, train_conv0)
         if not self.training:
             return None
         wd_cost = regularize_cost('.*/W', l2_regularizer(cfg.TRAIN.WEIGHT_DECAY), name='wd_cost')
-        total_cost = tf.add_n(rpn_losses_ + head_losses + [wd_cost], 'total_cost')
+        total_cost = tf.add_n(losses + [wd_cost], 'total_cost')
         add_moving_summary(total_cost, wd_cost)
         return total_cost
+
+    def image_graph(self, features, inputs, image_shape2d):
+        """``rpn`` then ``roi_heads`` of one image (arguments as theirs) -> list of losses."""
+        proposals, rpn_losses_ = self.rpn(features, inputs, image_shape2d)
+        return rpn_losses_ + self.roi_heads(features, proposals, inputs, image_shape2d)
+
+    def _batch_training_graph(self, inputs, train_conv0):
+        """The backbone once on the batch (BatchNorm statistics over all N images), then
+        each image's RPN, sampling, heads and losses on its own region -> mean losses."""
+        sizes = inputs['image_sizes']
+        features = self.backbone(self.preprocess(inputs['image'], sizes), train_conv0)
+        mult = image_pad_multiple(cfg.MODE_FPN, cfg.BACKBONE.C4_PAD_INPUT)
+        per_image = []
+        for i in range(self.images):
+            with batching.image_scope(i):
+                own = batching.image_features(features, i, sizes[i], self.feature_strides(),
+                                              mult, cfg.BACKBONE.DATA_FORMAT)
+                per_image.append(self.image_graph(own, batching.image_inputs(inputs, i),
+                                                  sizes[i]))
+        return batching.mean_losses(per_image)
+
+    def _batch_inference_graph(self, inputs, train_conv0):
+        """Each image through the whole single-image graph, padded only to its own
+        multiple, so its outputs (``image{i}/output/...``) equal those of the image alone
+        (a shared padded backbone would change the features near each image's border)."""
+        sizes = inputs['image_sizes']
+        for i in range(self.images):
+            with batching.image_scope(i):
+                image = inputs['image'][i, :sizes[i, 0], :sizes[i, 1]]
+                features = self.backbone(self.preprocess(image), train_conv0)
+                self.image_graph(features, {}, sizes[i])
+
+    def feature_strides(self):
+        """The strides of the maps ``backbone`` returns, e.g. (16,) or FPN.ANCHOR_STRIDES."""
+        raise NotImplementedError
 
     def backbone(self, image, train_conv0):
         """Feature maps of the preprocessed image.
@@ -177,6 +233,15 @@ class GeneralizedRCNN(ModelDesc):
         return [maskrcnn_loss(mask_logits, proposals.fg_labels(), targets)]
 
 
+def _pad_hw(image, mult, first):
+    """Zero-pad axes ``first`` and ``first + 1`` (H, W of an HWC or NHWC image) at their
+    end up to multiples of ``mult``."""
+    shape = tf.shape(image)[first:first + 2]
+    padded = tf.cast(tf.math.ceil(tf.cast(shape, tf.float32) / mult) * mult, tf.int32)
+    pad = padded - shape
+    return tf.pad(image, [[0, 0]] * first + [[0, pad[0]], [0, pad[1]], [0, 0]])
+
+
 def _final_detections(head, image_shape2d):
     """Per-class NMS over a head's decoded boxes -> named output tensors (boxes, scores,
     labels int32 1..C)."""
@@ -189,6 +254,9 @@ def _final_detections(head, image_shape2d):
 
 class ResNetC4Model(GeneralizedRCNN):
     """ResNet stem..res4 -> RPN on C4 -> RoIAlign 14x14 -> res5 -> box and mask heads."""
+
+    def feature_strides(self):
+        return (cfg.RPN.ANCHOR_STRIDE,)
 
     def backbone(self, image, train_conv0):
         return [resnet_c4_backbone(image, num_blocks_for_depth(cfg.BACKBONE.DEPTH)[:3],
@@ -250,6 +318,9 @@ class ResNetC4Model(GeneralizedRCNN):
 
 class ResNetFPNModel(GeneralizedRCNN):
     """ResNet -> FPN P2..P6 -> RPN per level -> multilevel RoIAlign -> box head -> mask."""
+
+    def feature_strides(self):
+        return tuple(cfg.FPN.ANCHOR_STRIDES)
 
     def backbone(self, image, train_conv0):
         c2345 = resnet_fpn_backbone(image, num_blocks_for_depth(cfg.BACKBONE.DEPTH), train_conv0)

@@ -238,3 +238,19 @@ def test_random_crop_contains_a_chosen_instance():
         assert (centre >= 0).all() and (centre <= 128).all()
     out, _, _ = random_crop(img[:100], boxes[1:], crowd[1:], None, 128, rng)  # crowd only
     assert out.shape == (100, 128, 3)
+
+
+@pytest.mark.slow
+def test_two_dense_images_per_step_cost_at_most_1_5x_memory_per_image():
+    """2000 instances, TRAIN.IMAGES_PER_DEVICE 1 vs 2 (two dense scenes per step): the
+    memory a step adds to the built graph, per image, grows at most 1.5x (per-image
+    targets, sampling and losses: no anchors x objects matrix for the whole batch)."""
+    config = DENSE_TINY + ['FRCNN.BATCH_PER_IM=256']
+    one = _bench([2000], config)[0]
+    two = _bench([2000], config + ['TRAIN.IMAGES_PER_DEVICE=2'])[0]
+    assert one['images'] == 1 and two['images'] == 2
+    assert one['gt_boxes'] >= 1500 and one['finite'] and two['finite'], (one, two)
+    per_image = [(r['peak_rss_mb'] - r['rss_built_mb']) / r['images'] for r in (one, two)]
+    # 20 MB: allocator noise on a step of a few hundred MB
+    assert per_image[1] <= 1.5 * per_image[0] + 20, (one, two)
+    assert two['peak_rss_mb'] <= 1.5 * 2 * one['peak_rss_mb'], (one, two)

@@ -23,9 +23,11 @@ MISSING_FILE = (['--config-file', '/nonexistent/config.yaml'],
 UNKNOWN_DATASET = (['--config', 'DATA.TRAIN=nope', 'DATA.VAL=[]'], r'"?nope"?.*not registered|'
                    r"Unknown dataset 'nope'")
 
+BAD_BATCH = (['--batch-size', '0'], r'--batch-size must be >= 1, got 0')
+
 ENTRY_POINTS = {  # name -> (command, the cases it supports)
     'predict.py': (['predict.py', '--load', '/nonexistent/ckpt', '--predict', ROOT],
-                   [BAD_KEY, BAD_TYPE, MISSING_FILE, UNKNOWN_DATASET]),
+                   [BAD_KEY, BAD_TYPE, MISSING_FILE, UNKNOWN_DATASET, BAD_BATCH]),
     'prune.py': (['prune.py', '--load', '/nonexistent/ckpt', '--threshold', '0.5', '--output',
                   '/tmp/never-written'], [BAD_KEY, BAD_TYPE, MISSING_FILE, UNKNOWN_DATASET]),
     'dataset.check': (['-m', 'dataset.check', '--output-dir', '/tmp'],
@@ -34,7 +36,8 @@ ENTRY_POINTS = {  # name -> (command, the cases it supports)
                                            r"not found: '/nonexistent/a.json'"),
                        UNKNOWN_DATASET]),
     'bench/inference.py': (['bench/inference.py', '--images', '1', '--no-flops'],
-                           [BAD_KEY, BAD_TYPE, MISSING_FILE, UNKNOWN_DATASET]),
+                           [BAD_KEY, BAD_TYPE, MISSING_FILE, UNKNOWN_DATASET,
+                            (['--batch-size', '0'], r'--batch-size must be >= 1')]),
     'bench/train_step.py': (['bench/train_step.py', '--steps', '1'],
                             [BAD_KEY, BAD_TYPE, MISSING_FILE, UNKNOWN_DATASET]),
     'bench/dense.py': (['bench/dense.py', '--instances', '10'],

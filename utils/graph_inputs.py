@@ -21,14 +21,15 @@ def fpn_levels(strides):
     return [int(round(math.log2(s))) for s in strides]
 
 
-def input_names(mode_fpn, mode_mask, fpn_strides=(4, 8, 16, 32, 64)):
+def input_names(mode_fpn, mode_mask, fpn_strides=(4, 8, 16, 32, 64), batched=False):
     """The graph's training input names, in the order of every training datapoint.
 
     FPN: image, anchor_labels_lvl{2..6}, anchor_boxes_lvl{2..6}, gt_boxes, gt_labels
     [, gt_masks] (one level per stride of ``fpn_strides``, i.e. FPN.ANCHOR_STRIDES);
     C4: image, anchor_labels, anchor_boxes, gt_boxes, gt_labels [, gt_masks].
+    ``batched`` (more than one image per device): ``image_sizes`` follows ``image``.
     """
-    names = ['image']
+    names = ['image', 'image_sizes'] if batched else ['image']
     if mode_fpn:
         levels = fpn_levels(fpn_strides)
         names += ['anchor_labels_lvl{}'.format(lv) for lv in levels]

@@ -72,7 +72,8 @@ def plan_devices(trainer, num_gpus, rank=0, size=1):
 class ScaledSchedule:
     """The recipe's schedule (defined at TRAIN.REFERENCE_BATCH images) in this run's steps.
 
-    One *iteration* (a tensorpack step, one global_step) processes ``num_devices`` images;
+    One *iteration* (a tensorpack step, one global_step) processes ``num_devices`` x
+    TRAIN.IMAGES_PER_DEVICE images;
     an optimizer *update* happens every TRAIN.GRADIENT_ACCUMULATION iterations. With total
     batch B per update, the LR is scaled by B / REFERENCE_BATCH and every step count of
     the recipe by REFERENCE_BATCH / B (linear scaling rule), then converted to iterations.
@@ -80,7 +81,8 @@ class ScaledSchedule:
 
     def __init__(self, num_devices):
         self.accum = cfg.TRAIN.GRADIENT_ACCUMULATION
-        self.total_batch = max(num_devices, 1) * self.accum
+        self.images = cfg.TRAIN.IMAGES_PER_DEVICE
+        self.total_batch = max(num_devices, 1) * self.images * self.accum
         self.factor = self.total_batch / cfg.TRAIN.REFERENCE_BATCH
         self.base_lr = cfg.TRAIN.BASE_LR * self.factor
         self.warmup_init_lr = cfg.TRAIN.WARMUP_INIT_LR * self.factor
@@ -100,9 +102,10 @@ class ScaledSchedule:
         return self.base_lr * 0.1 ** sum(iteration >= s for s in self.decay_iters)
 
     def describe(self):
-        return ('total batch {} ({} device(s) x 1 image x {} accumulation): LR {:.5g}, '
+        return ('total batch {} ({} device(s) x {} image(s) x {} accumulation): LR {:.5g}, '
                 'warm-up {} iterations, decay at {}, {} iterations = {} epochs of {}'.format(
-                    self.total_batch, self.total_batch // self.accum, self.accum, self.base_lr,
+                    self.total_batch, self.total_batch // (self.accum * self.images),
+                    self.images, self.accum, self.base_lr,
                     self.warmup_iters, self.decay_iters, self.total_iters, self.max_epoch,
                     cfg.TRAIN.STEPS_PER_EPOCH))
 

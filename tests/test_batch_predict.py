@@ -1,0 +1,61 @@
+"""Batched inference (predict.py --batch-size N): an image predicted in a batch with
+others of different sizes gets exactly what it gets alone."""
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+
+from eval import predict_image, predict_images
+from eval_batch import BatchModel
+from tests.tiny import configured
+
+
+def _images():
+    """Three test images of different sizes and orientations, with bright rectangles."""
+    rs = np.random.RandomState(0)
+    images = []
+    for h, w in [(128, 170), (150, 128), (128, 128)]:
+        img = rs.uniform(0, 80, (h, w, 3)).astype(np.float32)
+        img[20:70, 30:100] = (20, 200, 40)
+        images.append(img)
+    return images
+
+
+def _save_random_weights(predictor, path):
+    """The predictor's (random) weights as an .npz of variable name -> value."""
+    with predictor.graph.as_default():
+        variables = tf.global_variables()
+    values = predictor.sess.run(variables)
+    np.savez(path, **{v.op.name: x for v, x in zip(variables, values)})
+
+
+def _assert_same(alone, batched):
+    assert len(alone) == len(batched)
+    assert len(alone) > 0, 'no detection: the comparison would be empty'
+    for a, b in zip(alone, batched):
+        np.testing.assert_allclose(a.box, b.box, rtol=0, atol=1e-4)
+        assert abs(a.score - b.score) <= 1e-4 and a.class_id == b.class_id
+        if a.mask is not None:
+            assert np.array_equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize('overrides', [['MODE_FPN=True', 'MODE_MASK=True'],
+                                       ['MODE_FPN=False', 'MODE_MASK=True']],
+                         ids=['fpn-mask', 'c4-mask'])
+def test_batched_prediction_equals_prediction_alone(overrides, tmp_path):
+    from predict import build_predictor
+    from utils.training import WeightsLoader
+    with configured(overrides + ['TEST.RESULT_SCORE_THRESH=0.01'], is_training=False):
+        single = build_predictor(None)
+        path = str(tmp_path / 'weights.npz')
+        _save_random_weights(single, path)
+        single = build_predictor(WeightsLoader(path))
+        batched = build_predictor(WeightsLoader(path), batch_size=3)
+        assert isinstance(batched, BatchModel)
+        images = _images()
+        alone = [predict_image(img, single) for img in images]
+        together = predict_images(images, batched)
+        two = predict_images(images[:2], batched)  # a short batch: one blank filler
+    for a, b in zip(alone, together):
+        _assert_same(a, b)
+    for a, b in zip(alone[:2], two):
+        _assert_same(a, b)
