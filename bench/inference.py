@@ -129,6 +129,30 @@ def _spread(values):
     return [round(1000 * min(values), 1), round(1000 * max(values), 1)]
 
 
+def _time_runs(img, predictor, batch_size, images):
+    """``images`` predictions of ``img`` (rounded down to whole runs of ``batch_size``)
+    -> the per-phase medians and spreads (per image), images/s and CPU ms per image."""
+    from eval import PHASES, predict_images
+    rows, detections = [], 0
+    runs = max(1, images // batch_size)
+    images = runs * batch_size
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(runs):
+        timings = {}
+        results = predict_images([img] * batch_size, predictor, 'rle', timings)
+        detections = len(results[0])
+        rows.append({k: v / batch_size for k, v in timings.items()})
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    ret = {}
+    for phase in PHASES + ('total',):
+        values = [sum(r.values()) if phase == 'total' else r[phase] for r in rows]
+        ret[phase + '_ms'] = round(1000 * statistics.median(values), 1)
+        ret[phase + '_spread_ms'] = _spread(values)
+    ret.update(detections=detections, images=images, images_per_s=round(images / wall, 3),
+               batch_size=batch_size, cpu_ms=round(1000 * cpu / images, 1))
+    return ret
+
+
 def measure(profile, config_file, config, intra, inter, onednn, images, warmup, flops,
             batch_size=1):
     """In this process: build the predictor, time ``images`` predictions after ``warmup``.
@@ -150,7 +174,7 @@ def measure(profile, config_file, config, intra, inter, onednn, images, warmup, 
 
     from common import read_image, resize_shortest_edge
     from config import config as cfg
-    from eval import PHASES, predict_image, predict_images
+    from eval import predict_image, predict_images
     from predict import build_predictor
     job = dict(profile=profile, config_file=config_file, config=config, intra=intra,
                inter=inter)
@@ -180,23 +204,7 @@ def measure(profile, config_file, config, intra, inter, onednn, images, warmup, 
         return harness.record(job, cfg, **ret)
     if batched is not None:
         predict_images([img] * batch_size, batched, mask_format='rle')  # its own warm-up
-    rows, detections = [], 0
-    runs = max(1, images // batch_size)
-    images = runs * batch_size
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(runs):
-        timings = {}
-        results = predict_images([img] * batch_size, batched or predictor, 'rle', timings)
-        detections = len(results[0])
-        rows.append({k: v / batch_size for k, v in timings.items()})
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    for phase in PHASES + ('total',):
-        values = [sum(r.values()) if phase == 'total' else r[phase] for r in rows]
-        ret[phase + '_ms'] = round(1000 * statistics.median(values), 1)
-        ret[phase + '_spread_ms'] = _spread(values)
-    ret.update(detections=detections, images=images, images_per_s=round(images / wall, 3),
-               batch_size=batch_size,
-               cpu_ms=round(1000 * cpu / images, 1))
+    ret.update(_time_runs(img, batched or predictor, batch_size, images))
 
     meta = tf.RunMetadata()
     predictor.sess.run(predictor.output_tensors, {predictor.input_tensors[0]: resize_shortest_edge(
