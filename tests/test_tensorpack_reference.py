@@ -7,7 +7,8 @@ its ``project_overrides`` on the DEFAULT config (the defaults are tensorpack's l
 fed the fixture's resized image, and compared with the fixture's own comparator and
 tolerances (``check_project.compare`` / ``TOLERANCES``): features, RPN proposals,
 detections, masks, in that order; a failure names the first stage that differs. One
-variant also goes through the frozen graph the exports wrap. Also here: the pre/post-processing
+variant also goes through the frozen graph the exports wrap and through the batched
+predictor (``predict.py --batch-size 2``, beside a smaller image). Also here: the pre/post-processing
 conventions (uint8 resize, isotropic scale-back) against the fixture's image_resize.json,
 and old runs' config.yaml files keeping the anchor layout they were trained with.
 """
@@ -182,6 +183,24 @@ def test_same_outputs_as_tensorpack(variant, fresh_cfg, built, monkeypatch):
         exported = _frozen_and_run(predictor, img)
         _assert_stages(variant, check.compare(ref, _project_outputs(exported, feature_keys,
                                                                     check)), ' (frozen)')
+        # and so does the batched predictor (--batch-size), next to a smaller image
+        batched = _batched_predictor(feature_keys, weights, monkeypatch)
+        try:
+            first = batched([img, np.ascontiguousarray(img[:-64, :-96])])[0]
+        finally:
+            batched.predictor.sess.close()
+        _assert_stages(variant, check.compare(ref, _project_outputs(first, feature_keys,
+                                                                    check)), ' (batch of 2)')
+
+
+def _batched_predictor(feature_keys, weights, monkeypatch):
+    """predict.py's predictor of 2 images per run, features tapped per image."""
+    import modeling.generalized_rcnn as gr
+    from predict import build_predictor
+    if gr.fpn_model.__name__ != 'wrapped':  # a reused predictor: the taps are gone
+        _tap_features(monkeypatch)
+    return build_predictor(weights, ['output/proposal_boxes', 'output/proposal_scores'] +
+                           ['fixture/' + k for k in feature_keys], batch_size=2)
 
 
 # ------------------------------------------------------------------ pre/post-processing
