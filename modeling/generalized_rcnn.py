@@ -20,11 +20,11 @@ import math
 import tensorflow.compat.v1 as tf
 from tensorpack import ModelDesc
 from tensorpack.models import GlobalAvgPooling, l2_regularizer, regularize_cost
-from tensorpack.tfutils import optimizer
 from tensorpack.tfutils.summary import add_moving_summary
 
 from config import config as cfg
 from utils.anchors import get_all_anchors, get_all_anchors_fpn, padded_size
+from utils.compat import accum_grad_optimizer
 from utils.graph_inputs import image_pad_multiple, input_names
 from utils.precision import wrap_optimizer
 
@@ -103,7 +103,7 @@ class GeneralizedRCNN(ModelDesc):
         # mean over the k x devices images, as the LR scaling rule assumes.
         opt = tf.train.MomentumOptimizer(lr / accum, cfg.TRAIN.MOMENTUM)
         if accum > 1:
-            opt = optimizer.AccumGradOptimizer(opt, accum)
+            opt = accum_grad_optimizer(opt, accum)
         # fp16: dynamic loss scaling outermost, so a skipped (overflowed) step is skipped
         # before accumulation; fp32/bf16: unchanged (bf16 is a session graph rewrite).
         return wrap_optimizer(opt, cfg.TRAIN.PRECISION)

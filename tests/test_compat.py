@@ -196,3 +196,35 @@ def test_frozen_graph_shim_still_needed_and_works():
     with tf1.Graph().as_default(), tf1.Session() as sess:
         tf1.import_graph_def(frozen, name='')
         assert sess.run('out:0') == 6.
+
+
+def _accum_predicate_follows_increment(make_optimizer):
+    """Builds one accumulating minimize() and says whether the apply-or-not predicate
+    (the Equal op) has the counter's increment among its ancestors (data or control)."""
+    import tensorflow.compat.v1 as tf1
+    with tf1.Graph().as_default() as g:
+        w = tf1.get_variable('w', initializer=[1., 2.])
+        make_optimizer(tf1.train.GradientDescentOptimizer(0.1)).minimize(tf1.reduce_sum(w * w))
+        increments = [op for op in g.get_operations() if op.type == 'AssignAddVariableOp'
+                      and op.inputs[0].op.name.endswith('/counter')]
+        equals = [op for op in g.get_operations()
+                  if op.type == 'Equal' and op.name.startswith('AccumGradOptimizer')]
+        assert len(increments) == 1 and len(equals) == 1
+        seen, todo = set(), [equals[0]]
+        while todo:
+            op = todo.pop()
+            if op.name not in seen:
+                seen.add(op.name)
+                todo += [t.op for t in op.inputs] + list(op.control_inputs)
+        return increments[0].name in seen
+
+
+def test_accum_grad_shim_still_needed_and_orders_the_predicate():
+    """tensorpack's AccumGradOptimizer may read its counter before incrementing it (a race
+    that applied the update at step 1 of 2 once on CI); shim 10 reads the incremented value.
+    tests/test_training_utils.py checks the update steps over many iterations."""
+    from tensorpack.tfutils.optimizer import AccumGradOptimizer
+
+    from utils.compat import accum_grad_optimizer
+    assert not _accum_predicate_follows_increment(lambda opt: AccumGradOptimizer(opt, 2))
+    assert _accum_predicate_follows_increment(lambda opt: accum_grad_optimizer(opt, 2))

@@ -272,9 +272,15 @@ def test_gradient_accumulation_updates_once_by_the_mean_gradient():
                     out.append(sess.run(w))
         return out
 
-    first, second, third = weights_after(2, [x1, x2, x1])
+    after = weights_after(2, [x1, x2] * 40)
+    first, second, third = after[:3]
     np.testing.assert_array_equal(first, w0)                      # accumulated only
     want = w0 - lr * ((w0 - x1) + (w0 - x2)) / 2
     np.testing.assert_allclose(second, want, rtol=1e-6)           # one update, mean gradient
     np.testing.assert_array_equal(third, second)                  # accumulating again
+    # Every odd step only accumulates, every even one moves (an ordering race once made
+    # step 1 apply: utils/compat.py shim 10).
+    for i in range(2, len(after), 2):
+        np.testing.assert_array_equal(after[i], after[i - 1], err_msg='step {}'.format(i + 1))
+        assert not np.array_equal(after[i + 1], after[i]), 'step {}'.format(i + 2)
     np.testing.assert_allclose(weights_after(1, [(x1 + x2) / 2])[0], second, rtol=1e-6)

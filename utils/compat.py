@@ -156,6 +156,46 @@ def freeze_graph_def(sess, graph_def, output_names):
     return tf1.graph_util.convert_variables_to_constants(sess, graph_def, output_names)
 
 
+def accum_grad_optimizer(opt, niter):
+    """Shim 10 -- tensorpack's ``AccumGradOptimizer`` with its apply step ordered.
+
+    tensorpack 0.11 computes ``counter % niter == 0`` from a read of the counter that
+    nothing orders after the counter's increment; with resource variables (TF 2) that read
+    may run first, and then step 1 of every k applies a partial sum (seen once on CI).
+    This subclass takes the predicate from the value the increment itself returns.
+    Remove when tensorpack's ``apply_gradients`` builds ``pred`` from ``update_counter``
+    (tests/test_compat.py checks the original still does not).
+    ``opt``: the wrapped tf.train.Optimizer; returns an Optimizer summing ``niter`` steps.
+    """
+    import tensorflow.compat.v1 as tf1
+    from tensorpack.tfutils.optimizer import AccumGradOptimizer
+    from tensorpack.tfutils.gradproc import FilterNoneGrad
+
+    class OrderedAccumGradOptimizer(AccumGradOptimizer):
+        def apply_gradients(self, grads_and_vars, global_step=None, name=None):
+            grads_and_vars = FilterNoneGrad().process(grads_and_vars)
+            variables = [v for _, v in grads_and_vars]
+            with tf1.control_dependencies(None):
+                slots = self._create_accum_slots(variables)
+                with tf1.variable_scope(self._name), tf1.device('/cpu:0'):
+                    counter = tf1.Variable(0, name='counter', trainable=False, dtype=tf1.int32)
+            with tf1.name_scope('AccumGradOptimizer'):
+                sums = [s.assign_add(g) for s, (g, _) in zip(slots, grads_and_vars)]
+                count = tf1.assign_add(counter, 1, name='update_counter')  # value after +1
+
+                def apply_and_clear():
+                    applied = self._opt.apply_gradients(list(zip(slots, variables)))
+                    with tf1.control_dependencies([applied]):
+                        return tf1.group(*[s.assign(tf1.zeros_like(s)) for s in slots])
+
+                with tf1.control_dependencies(sums):
+                    op = tf1.cond(tf1.equal(count % self._niter, 0), apply_and_clear, tf1.no_op)
+                steps = [] if global_step is None else [tf1.assign_add(global_step, 1)]
+                return tf1.group(op, *steps, name=name or 'cond_update_grad')
+
+    return OrderedAccumGradOptimizer(opt, niter)
+
+
 def warn_unless_msgpack(logger):
     """Shim 1's serializer note, checked: data workers should talk msgpack-numpy.
 
