@@ -39,7 +39,7 @@ from tensorpack.utils import logger
 
 from config import config as cfg
 from eval import get_inference_output_names
-from utils.compat import freeze_graph_def
+from utils.compat import freeze_graph_def, optimize_graph
 from utils.precision import onednn_enabled
 from utils.training import UserInputError
 
@@ -112,8 +112,6 @@ def bf16_graph_def(graph_def, output_names):
             then change nothing.
     """
     from tensorflow.core.protobuf import config_pb2
-    # The only offline entry to grappler (what tf.function and sessions call inside).
-    from tensorflow.python.grappler import tf_optimizer
     if not onednn_enabled():
         raise UserInputError('a bf16 export needs TensorFlow\'s oneDNN ops: set '
                              'TF_ENABLE_ONEDNN_OPTS=1 before running predict.py.')
@@ -124,7 +122,7 @@ def bf16_graph_def(graph_def, output_names):
     config = config_pb2.ConfigProto()
     config.graph_options.rewrite_options.optimizers.append(BF16_PASS)
     config.graph_options.rewrite_options.min_graph_nodes = -1  # small graphs too
-    out = tf_optimizer.OptimizeGraph(config, meta_graph)
+    out = optimize_graph(config, meta_graph)
     for node in out.node:
         if node.op == 'Placeholder' and 'T' in node.attr:
             # the pass tags the input with a T attr Placeholder lacks: TF logs an error

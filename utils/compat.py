@@ -196,6 +196,19 @@ def accum_grad_optimizer(opt, niter):
     return OrderedAccumGradOptimizer(opt, niter)
 
 
+def optimize_graph(config, meta_graph):
+    """Shim 11 -- grappler run once on a MetaGraphDef, outside a session.
+
+    TensorFlow has no public API for this: ``tensorflow.python.grappler.tf_optimizer`` is
+    what sessions and tf.function call inside (used by ``export.bf16_graph_def``). Remove
+    when a public offline entry exists; if the private module moves, this import fails
+    and tests/test_export_ap.py's bf16 test says so.
+    ``config``: a ConfigProto whose rewrite_options name the passes; returns a GraphDef.
+    """
+    from tensorflow.python.grappler import tf_optimizer
+    return tf_optimizer.OptimizeGraph(config, meta_graph)
+
+
 def warn_unless_msgpack(logger):
     """Shim 1's serializer note, checked: data workers should talk msgpack-numpy.
 
