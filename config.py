@@ -119,6 +119,8 @@ def _validate():
     if not 0 <= C.RPN.ANCHOR_OFFSET < 1:
         _fail('RPN.ANCHOR_OFFSET must be in [0, 1) (fraction of a stride), got {}.'.format(
             C.RPN.ANCHOR_OFFSET))
+    if C.TRAIN.WEIGHT_DECAY < 0 or C.TRAIN.NORM_L1 < 0:
+        _fail('TRAIN.WEIGHT_DECAY and TRAIN.NORM_L1 must be >= 0.')
     if C.FRCNN.DECODE_CLIP_SIZE < 0:
         _fail('FRCNN.DECODE_CLIP_SIZE must be >= 0 (0: PREPROC.MAX_SIZE).')
     if C.PREPROC.RESIZE_UINT8 and C.PREPROC.IMAGE_CHANNELS == 4:

@@ -93,6 +93,10 @@ _C.TRAIN.WARMUP_INIT_LR = 0.02 / 3  # LR at step 0 (at the reference batch)
 _C.TRAIN.LR_SCHEDULE = (60000, 80000, 90000)  # decay x0.1 at the first two; stop at the last
 _C.TRAIN.MOMENTUM = 0.9
 _C.TRAIN.WEIGHT_DECAY = 1e-4
+# L1 penalty on every trained norm layer's gamma (network slimming, Liu et al. 2017): drives
+# the scale of channels the model does not need towards 0, so `prune.py --criterion gamma`
+# removes them with little loss. 0: off.
+_C.TRAIN.NORM_L1 = 0.
 _C.TRAIN.GRADIENT_ACCUMULATION = 1  # updates every k steps, so few devices match the batch
 # Images per device per step (an int >= 1): the data pipeline pads a group of images of
 # similar aspect ratio into one [N, H, W, C] batch; losses are per image, then averaged.

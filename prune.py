@@ -8,9 +8,11 @@
         --config TRAIN.WEIGHT_DECAY=0. 'TRAIN.LR_SCHEDULE=[450,550,600]'
 
 Every conv / FC layer's output channels are scored by their kernel's L2 norm over the
-layer's largest (pruning.py; layers whose outputs are added share one channel set,
-modeling/channel_spaces.py); channels scoring at least --threshold stay, rounded up to a
-multiple of --granularity and to at least --min-channels. The RPN's and the heads' class /
+layer's largest, or with --criterion gamma by their norm layer's |gamma| (pruning.py;
+layers whose outputs are added share one channel set, modeling/channel_spaces.py); channels
+scoring at least --threshold stay, rounded up to a multiple of --granularity and to at
+least --min-channels; GroupNorm groups are kept or dropped whole. A model trained with
+TRAIN.NORM_L1 > 0 (an L1 penalty on the gammas) has many near-zero gammas to prune. The RPN's and the heads' class /
 box outputs and the mask predictor are never pruned; --exclude keeps more layers whole.
 
 --output gets the pruned weights (a checkpoint: ``--load OUTPUT`` reads it) and its
@@ -42,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    from pruning import EQUALIZATIONS
+    from pruning import CRITERIA, EQUALIZATIONS
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--load', help='the trained model: a checkpoint directory (a train.py '
                                   'logdir) or prefix, or an .npz file (required)')
@@ -54,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument('--min-channels', type=int, default=16, help='no layer keeps fewer')
     p.add_argument('--equalization', default='union', choices=list(EQUALIZATIONS),
                    help='how layers whose outputs are added agree on their channels')
+    p.add_argument('--criterion', default='kernel', choices=CRITERIA,
+                   help='score channels by their kernel norm (TAO), or by |gamma| of their '
+                        'norm layer (for models trained with TRAIN.NORM_L1)')
     p.add_argument('--exclude', metavar='REGEX',
                    help='layers (variable scopes, e.g. "^fpn/|rpn") to keep whole')
     add_config_arguments(p)
@@ -82,7 +87,8 @@ def prune(args):
     from modeling.channel_spaces import channel_spaces
     from utils.training import read_weights
     options = pruning.PruneOptions(args.threshold, args.granularity, args.min_channels,
-                                   args.equalization, pruning.compile_exclude(args.exclude))
+                                   args.equalization, pruning.compile_exclude(args.exclude),
+                                   args.criterion)
     weights = read_weights(args.load)
     spaces, cells = channel_spaces()
     result = pruning.prune_weights(weights, spaces, options, cfg.PRUNE.GN_GROUPS)

@@ -1,17 +1,22 @@
 """Channel pruning of a trained model's weights (prune.py's work), as NVIDIA TAO prunes.
 
-Each channel space (modeling/channel_spaces.py) is scored per producer layer by the L2
-norm of each output channel's kernel, divided by the layer's largest such norm (so every
-layer's scores are in [0, 1]); the producers' scores are combined by the equalization mode
-(union: max, intersection: min, arithmetic_mean, geometric_mean). Channels scoring at least
-the threshold stay; their count is rounded up to a multiple of the granularity, to at least
+Each channel space (modeling/channel_spaces.py) is scored per layer, by criterion:
+``kernel`` (TAO's): the L2 norm of each output channel's kernel of every producer;
+``gamma`` (network slimming, Liu et al. 2017): |gamma| of every normalisation layer on the
+space (a space without one, e.g. an FC layer, is kept whole). Each layer's scores are
+divided by its largest (so they are in [0, 1]) and combined by the equalization mode
+(union: max, intersection: min, arithmetic_mean, geometric_mean). Channels scoring at least the
+threshold stay; their count is rounded up to a multiple of the granularity, to at least
 min_channels and at most the layer's width, filled with the next best channels. Then every
 producer, normalisation and consumer variable of the space is sliced to those channels.
 
-A GroupNorm on a pruned space keeps its channels per group when the kept count allows
-(64 channels in 32 groups pruned to 48: 24 groups); otherwise it takes the largest group
-count up to its old one that divides the kept count. Either way the count goes into
-PRUNE.GN_GROUPS.
+On a space with GroupNorm, whole groups are kept or dropped (a group stays if one of its
+channels does): the groups that stay see exactly the statistics they were trained with,
+where regrouping the kept channels would change every group's mean and variance. The
+group count becomes kept channels / channels per group, recorded in PRUNE.GN_GROUPS.
+Where the GroupNorms of one space group differently (not nested), channels are chosen one
+by one and each GroupNorm takes the largest group count up to its old one that divides
+the kept count.
 
 Weights are ``{variable name: ndarray}`` as ``utils.training.read_weights`` returns them.
 """
@@ -27,8 +32,8 @@ from config import config as cfg
 from modeling.channel_spaces import STAGES, layer_stage
 from utils.training import TRAINING_STATE, UserInputError
 
-__all__ = ['EQUALIZATIONS', 'PruneOptions', 'prune_weights', 'summary_rows', 'format_summary',
-           'write_pruned_model']
+__all__ = ['CRITERIA', 'EQUALIZATIONS', 'PruneOptions', 'prune_weights', 'summary_rows',
+           'format_summary', 'write_pruned_model']
 
 # --equalization: how the producers of one channel space combine their [C] scores.
 EQUALIZATIONS = {
@@ -39,8 +44,10 @@ EQUALIZATIONS = {
 }
 DEFAULT_GN_GROUPS = 32  # modeling.backbone.GroupNorm's default
 
+CRITERIA = ('kernel', 'gamma')
 PruneOptions = collections.namedtuple(
-    'PruneOptions', 'threshold granularity min_channels equalization exclude')
+    'PruneOptions', 'threshold granularity min_channels equalization exclude criterion',
+    defaults=('kernel',))
 PruneResult = collections.namedtuple('PruneResult', 'weights channels gn_groups')
 
 
@@ -54,28 +61,43 @@ def _in_axis(name, kernel):
     return 3 if name.endswith('/deconv') else kernel.ndim - 2
 
 
-def channel_scores(weights, producers, equalization):
-    """float64 [C]: each producer's per-output-channel kernel L2 norms over its largest,
-    combined over the producers by EQUALIZATIONS[equalization]."""
-    per_layer = []
-    for name in producers:
-        kernel = np.asarray(weights[name + '/W'], np.float64)
-        axis = _out_axis(name) % kernel.ndim
-        norms = np.sqrt(np.square(kernel).sum(axis=tuple(a for a in range(kernel.ndim)
-                                                         if a != axis)))
-        top = norms.max()
-        per_layer.append(norms / top if top > 0 else np.ones_like(norms))
+def _kernel_norms(weights, name):
+    kernel = np.asarray(weights[name + '/W'], np.float64)
+    axis = _out_axis(name) % kernel.ndim
+    return np.sqrt(np.square(kernel).sum(axis=tuple(a for a in range(kernel.ndim) if a != axis)))
+
+
+def _norm_layers(weights, space):
+    """Names of the normalisation layers on ``space`` (``<producer>/gn``, ``/bn``, and its
+    separate norms) that have a gamma in ``weights``."""
+    own = [p + suffix for p in space.producers for suffix in ('/gn', '/bn')]
+    return [n for n in own + list(space.norms) if n + '/gamma' in weights]
+
+
+def channel_scores(weights, space, equalization, criterion='kernel'):
+    """float64 [C]: per layer of ``space`` (ChannelSpace) by ``criterion`` (module doc),
+    over the layer's largest, combined over the layers by EQUALIZATIONS[equalization]."""
+    if criterion == 'gamma':
+        norms = _norm_layers(weights, space)
+        per_layer = [np.abs(np.asarray(weights[n + '/gamma'], np.float64)) for n in norms] \
+            or [np.ones(_kernel_norms(weights, space.producers[0]).shape)]  # kept whole
+    else:
+        per_layer = [_kernel_norms(weights, name) for name in space.producers]
+    per_layer = [v / v.max() if v.max() > 0 else np.ones_like(v) for v in per_layer]
     return EQUALIZATIONS[equalization](np.stack(per_layer))
 
 
-def select_channels(scores, options):
-    """Sorted int [n] indices of the kept channels of one space (see the module doc)."""
-    width = len(scores)
-    count = int((scores >= options.threshold).sum())
-    count = max(count, options.min_channels)
-    count = min(width, int(math.ceil(count / options.granularity)) * options.granularity)
-    order = np.argsort(-scores, kind='stable')  # ties: the lower index first
-    return np.sort(order[:count])
+def select_channels(scores, options, group_size=1):
+    """Sorted int [n] indices of the kept channels of one space (see the module doc).
+    ``group_size``: consecutive channels kept or dropped together (a GroupNorm group)."""
+    groups = scores.reshape(-1, group_size).max(axis=1)
+    step = options.granularity // math.gcd(options.granularity, group_size)  # groups
+    count = max(int((groups >= options.threshold).sum()),
+                int(math.ceil(options.min_channels / group_size)))
+    count = min(len(groups), int(math.ceil(count / step)) * step)
+    order = np.argsort(-groups, kind='stable')  # ties: the lower index first
+    kept = np.sort(order[:count])
+    return (kept[:, None] * group_size + np.arange(group_size)).ravel()
 
 
 def adjusted_groups(width, groups, kept):
@@ -110,6 +132,14 @@ def _slice_space(weights, space, keep, width):
         weights[name + '/W'] = _slice(kernel, axis, rows)
 
 
+def _shared_group_size(width, group_counts):
+    """Channels per group that every GroupNorm of a space (``group_counts`` over ``width``
+    channels) keeps whole: the largest group size if the others nest in it, else 1."""
+    sizes = [width // g for g in group_counts]
+    largest = max(sizes, default=1)
+    return largest if all(largest % size == 0 for size in sizes) else 1
+
+
 def _gn_layers(weights, space):
     """The GroupNorm layer names on ``space``: ``<producer>/gn`` and its separate norms."""
     own = [p + '/gn' for p in space.producers if p + '/gn/gamma' in weights]
@@ -124,7 +154,7 @@ def prune_weights(weights, spaces, options, gn_groups=None):
         spaces: list of ChannelSpace of that model (``channel_spaces()``).
         options (PruneOptions): threshold in [0, 1], granularity, min_channels,
             equalization (an EQUALIZATIONS key), exclude (compiled regex or None: a space
-            with a producer it matches is kept whole).
+            with a producer it matches is kept whole), criterion (a CRITERIA entry).
         gn_groups: the model's PRUNE.GN_GROUPS (an already pruned model), or None.
     Returns:
         PruneResult: weights {name: ndarray} without training state (optimizer slots, ...),
@@ -151,13 +181,13 @@ def prune_weights(weights, spaces, options, gn_groups=None):
     channels = {}
     for space in candidates:
         width = weights[space.producers[0] + '/W'].shape[_out_axis(space.producers[0])]
-        keep = select_channels(channel_scores(weights, space.producers, options.equalization),
-                               options)
+        gns = {gn: gn_groups.get(gn, DEFAULT_GN_GROUPS) for gn in _gn_layers(weights, space)}
+        scores = channel_scores(weights, space, options.equalization, options.criterion)
+        keep = select_channels(scores, options, _shared_group_size(width, gns.values()))
         if len(keep) == width:
             continue
-        for gn in _gn_layers(weights, space):
-            groups = gn_groups.get(gn, DEFAULT_GN_GROUPS)
-            if len(keep) % groups:
+        for gn, groups in gns.items():
+            if adjusted_groups(width, groups, len(keep)) != groups:
                 gn_groups[gn] = adjusted_groups(width, groups, len(keep))
         _slice_space(weights, space, keep, width)
         channels.update({name: int(len(keep)) for name in space.producers})

@@ -144,9 +144,13 @@ class GeneralizedRCNN(ModelDesc):
             self._batch_inference_graph(inputs, train_conv0)
         if not self.training:
             return None
-        wd_cost = regularize_cost('.*/W', l2_regularizer(cfg.TRAIN.WEIGHT_DECAY), name='wd_cost')
-        total_cost = tf.add_n(losses + [wd_cost], 'total_cost')
-        add_moving_summary(total_cost, wd_cost)
+        costs = [regularize_cost('.*/W', l2_regularizer(cfg.TRAIN.WEIGHT_DECAY), name='wd_cost')]
+        if cfg.TRAIN.NORM_L1 > 0:  # sparse channel scales for prune.py --criterion gamma
+            costs.append(regularize_cost(
+                '.*/gamma', lambda g: cfg.TRAIN.NORM_L1 * tf.reduce_sum(tf.abs(g)),
+                name='norm_l1_cost'))
+        total_cost = tf.add_n(losses + costs, 'total_cost')
+        add_moving_summary(total_cost, *costs)
         return total_cost
 
     def image_graph(self, features, inputs, image_shape2d):

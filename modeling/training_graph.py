@@ -12,7 +12,7 @@ from .generalized_rcnn import build_model
 __all__ = ['TrainingStep', 'build_training_step']
 
 TrainingStep = collections.namedtuple('TrainingStep', 'placeholders cost losses train_op')
-_LOSS_SUFFIXES = ('loss', 'wd_cost', 'total_cost')
+_LOSS_SUFFIXES = ('loss', 'wd_cost', 'norm_l1_cost', 'total_cost')
 
 
 def build_training_step(model=None, optimizer=None):
@@ -24,8 +24,8 @@ def build_training_step(model=None, optimizer=None):
             LR variable, gradient accumulation, fp16 loss scaling).
     Returns:
         TrainingStep: placeholders (in ``model_input_names(True)`` order), cost (scalar
-        ``total_cost``), losses ({op name: scalar float32} of every ``*loss``, ``wd_cost``
-        and ``total_cost``), train_op.
+        ``total_cost``), losses ({op name: scalar float32} of every ``*loss``, ``wd_cost``,
+        ``norm_l1_cost`` (TRAIN.NORM_L1 > 0) and ``total_cost``), train_op.
     """
     model = build_model() if model is None else model
     source = PlaceholderInput()

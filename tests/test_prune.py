@@ -22,7 +22,7 @@ import prune
 import pruning
 from config import config as cfg, finalize_configs
 from dataset import DatasetRegistry, register_shapes
-from modeling.channel_spaces import channel_spaces
+from modeling.channel_spaces import ChannelSpace, channel_spaces
 from modeling.generalized_rcnn import build_model
 from tiny import configured
 from utils.training import WeightsLoader, read_weights
@@ -114,6 +114,36 @@ def test_select_channels_threshold_granularity_minimum():
     assert len(pruning.select_channels(scores, opts)) == 8  # never more than the width
 
 
+def test_select_whole_groups():
+    """group_size 2 (a GroupNorm of 2 channels per group): a group stays if one of its
+    channels passes; granularity and min_channels count channels, rounded to groups."""
+    scores = np.array([1., .1, .2, .3, .1, .9, .2, .2])
+    opts = pruning.PruneOptions(0.5, 1, 1, 'union', None)
+    assert pruning.select_channels(scores, opts, 2).tolist() == [0, 1, 4, 5]
+    opts = opts._replace(granularity=3)  # 6 channels: 3 groups, the next best (.3) joins
+    assert pruning.select_channels(scores, opts, 2).tolist() == [0, 1, 2, 3, 4, 5]
+    opts = opts._replace(threshold=0.95, granularity=1, min_channels=3)  # 2 groups
+    assert pruning.select_channels(scores, opts, 2).tolist() == [0, 1, 4, 5]
+    assert pruning._shared_group_size(64, [32, 16]) == 4     # 2 and 4 per group: nested
+    assert pruning._shared_group_size(48, [16, 8]) == 6
+    assert pruning._shared_group_size(60, [12, 15]) == 1     # 5 and 4: chosen one by one
+
+
+def test_gamma_criterion_scores_the_norm_layers():
+    space = ChannelSpace(['a', 'b'], ['c'], [])
+    rs = np.random.RandomState(0)
+    weights = {n + '/W': rs.uniform(.5, 1., (3, 3, 4, 6)) for n in 'ab'}
+    weights['a/gn/gamma'] = np.array([2., -2., .1, 1., .2, .0])
+    weights['c/gamma'] = np.array([1., 1., .05, -.1, .1, .0])
+    got = pruning.channel_scores(weights, space, 'union', 'gamma')
+    np.testing.assert_allclose(got, [1., 1., .05, .5, .1, 0.])
+    kernel = pruning.channel_scores(weights, space, 'union', 'kernel')
+    assert kernel.min() > .5  # the kernels know nothing of the gammas
+    del weights['a/gn/gamma'], weights['c/gamma']  # no norm: kept whole
+    np.testing.assert_array_equal(pruning.channel_scores(weights, space, 'union', 'gamma'),
+                                  np.ones(6))
+
+
 def test_gn_groups_keep_channels_per_group_or_divide():
     assert pruning.adjusted_groups(64, 32, 48) == 24      # 2 channels per group kept
     assert pruning.adjusted_groups(256, 32, 200) == 25     # 8 per group
@@ -133,7 +163,7 @@ def test_equalization_modes_of_a_residual_group():
     rs = np.random.RandomState(0)
     weights = {p + '/W': rs.uniform(0.9, 1., (3, 3, 8, 16)) for p in group.producers}
     weights['group1/block0/convshortcut/W'][..., 5] *= 0.01
-    scores = {mode: pruning.channel_scores(weights, group.producers, mode)
+    scores = {mode: pruning.channel_scores(weights, group, mode)
               for mode in pruning.EQUALIZATIONS}
     assert scores['union'][5] > 0.9 and scores['intersection'][5] < 0.02
     assert 0.5 < scores['arithmetic_mean'][5] < 0.7
@@ -191,6 +221,57 @@ def test_dead_channels_are_removed_from_every_member_and_change_no_output(tmp_pa
     rows = [c * 49 + j for c in (3, 10) for j in range(49)]
     np.testing.assert_array_equal(after['fastrcnn/fc6/W'], np.delete(fc6, rows, axis=0))
     _assert_same_detections(detections(out, _image()), detections(model, _image()))
+
+
+# GroupNorm layers with a dead group (gamma, beta 0: output 0 after ReLU) and one with a
+# single dead channel, which must stay: its group lives on.
+DEAD_GN_GROUPS = {'group2/block1/conv1/gn': 'group2/block1/conv1', 'fastrcnn/gn1':
+                  'fastrcnn/conv1', 'maskrcnn/gn0': 'maskrcnn/fcn0'}  # norm: its conv
+DEAD_GN_CHANNEL = 'group1/block1/conv1/gn'
+
+
+def _kill_gn(weights):
+    for gn in list(DEAD_GN_GROUPS) + [DEAD_GN_CHANNEL]:
+        size = len(weights[gn + '/gamma']) // pruning.DEFAULT_GN_GROUPS
+        dead = slice(size, 2 * size) if gn != DEAD_GN_CHANNEL else slice(size, size + 1)
+        weights[gn + '/gamma'][dead] = weights[gn + '/beta'][dead] = 0.
+
+
+def test_dead_gn_groups_go_whole_by_gamma_and_change_no_output(tmp_path):
+    """--criterion gamma on a GN model: each dead group is removed and the group count drops
+    by one; the remaining groups keep their statistics, so the detections stay the same.
+    (Regrouping the single dead channel's partner would change them.)"""
+    model = make_model(str(tmp_path / 'model'), ['BACKBONE.NORM=GN'] + GN_DEMO, edit=_kill_gn)
+    out = str(tmp_path / 'pruned')
+    assert run_prune('--load', model, '--threshold', 1e-6, '--output', out, '--criterion',
+                     'gamma', '--granularity', 1, '--min-channels', 1) == 0
+    before = read_weights(model)
+    with model_config(out):
+        widths, groups = dict(cfg.PRUNE.CHANNELS), dict(cfg.PRUNE.GN_GROUPS)
+    assert widths == {conv: len(before[gn + '/gamma']) * 31 // 32
+                      for gn, conv in DEAD_GN_GROUPS.items()}, widths
+    assert groups == {gn: 31 for gn in DEAD_GN_GROUPS}
+    _assert_same_detections(detections(out, _image()), detections(model, _image()))
+
+
+def test_norm_l1_penalises_every_trained_gamma():
+    """TRAIN.NORM_L1: the training cost holds lambda * sum |gamma| over every trained norm
+    layer's gamma (the zero-initialised ones of the residual ends included)."""
+    from modeling.training_graph import build_training_step
+
+    def l1_cost(l1):
+        with configured(GN_DEMO + ['TRAIN.NORM_L1={}'.format(l1)]), tf.Graph().as_default():
+            losses = build_training_step().losses
+            gammas = [v for v in tf.trainable_variables() if v.op.name.endswith('/gamma')]
+            with tf.Session() as sess:
+                sess.run(tf.global_variables_initializer())
+                sess.run([g.assign(tf.random.normal(tf.shape(g))) for g in gammas])
+                costs = [t for name, t in losses.items() if name.endswith('norm_l1_cost')]
+                return sess.run([costs, gammas])
+    (cost,), gammas = l1_cost(0.01)
+    assert len(gammas) > 30
+    assert cost == pytest.approx(0.01 * sum(np.abs(g).sum() for g in gammas), rel=1e-5)
+    assert l1_cost(0.)[0] == []  # off: no such cost
 
 
 VARIANTS = [  # every backbone family, norm, head and the cascade, pruned and rebuilt
