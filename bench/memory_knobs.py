@@ -11,9 +11,10 @@ measured in a fresh process by `bench/dense.py` (same step definition: preproces
 one optimizer step; peak RSS of the process). Prints one JSON line per row: ``knob``,
 ``value``, ``overrides`` and the fields of bench/dense.py.
 
-Images per step: the trainer always feeds one image per device per step;
-TRAIN.GRADIENT_ACCUMULATION k makes the update average k steps (a k times larger batch)
-at the cost of one accumulator per trainable variable, measured by the 'accumulation' rows.
+Images per step: the 'images_per_device' rows feed N such scenes (other seeds) per step
+(TRAIN.IMAGES_PER_DEVICE, one padded batch); TRAIN.GRADIENT_ACCUMULATION k instead makes
+the update average k one-image steps (a k times larger batch) at the cost of one
+accumulator per trainable variable, measured by the 'accumulation' rows.
 """
 import argparse
 import json
@@ -50,10 +51,11 @@ KNOBS = {
     'max_gt_instances': [(n, ['DATA.MAX_GT_INSTANCES={}'.format(n)]) for n in (100,)],
     'crop': [(c, ['PREPROC.CROP_SIZE={}'.format(c)]) for c in (256, 384)],
     'accumulation': [(k, ['TRAIN.GRADIENT_ACCUMULATION={}'.format(k)]) for k in (2, 4)],
+    'images_per_device': [(n, ['TRAIN.IMAGES_PER_DEVICE={}'.format(n)]) for n in (2, 4)],
 }
 BASE_VALUES = {'depth': 50, 'trainable': 'all', 'image_size': '512/853',
                'rois_per_image': 512, 'rpn_proposals': 2000, 'max_gt_instances': 0,
-               'crop': 0, 'accumulation': 1}
+               'crop': 0, 'accumulation': 1, 'images_per_device': 1}
 
 
 def main(argv=None):
