@@ -11,9 +11,10 @@ Every conv / FC layer's output channels are scored by their kernel's L2 norm ove
 layer's largest, or with --criterion gamma by their norm layer's |gamma| (pruning.py;
 layers whose outputs are added share one channel set, modeling/channel_spaces.py); channels
 scoring at least --threshold stay, rounded up to a multiple of --granularity and to at
-least --min-channels; GroupNorm groups are kept or dropped whole. A model trained with
-TRAIN.NORM_L1 > 0 (an L1 penalty on the gammas) has many near-zero gammas to prune. The RPN's and the heads' class /
-box outputs and the mask predictor are never pruned; --exclude keeps more layers whole.
+least --min-channels; GroupNorm groups are kept or dropped whole. TRAIN.NORM_L1 > 0 (an L1
+penalty on the gammas) over a long schedule drives unneeded gammas to 0 for --criterion
+gamma. The RPN's and the heads' class / box outputs and the mask predictor are never
+pruned; --exclude keeps more layers whole.
 
 --output gets the pruned weights (a checkpoint: ``--load OUTPUT`` reads it) and its
 config.yaml: the model's config (the one next to --load, unless --config-file is given)

@@ -5,10 +5,11 @@ Each channel space (modeling/channel_spaces.py) is scored per layer, by criterio
 ``gamma`` (network slimming, Liu et al. 2017): |gamma| of every normalisation layer on the
 space (a space without one, e.g. an FC layer, is kept whole). Each layer's scores are
 divided by its largest (so they are in [0, 1]) and combined by the equalization mode
-(union: max, intersection: min, arithmetic_mean, geometric_mean). Channels scoring at least the
-threshold stay; their count is rounded up to a multiple of the granularity, to at least
-min_channels and at most the layer's width, filled with the next best channels. Then every
-producer, normalisation and consumer variable of the space is sliced to those channels.
+(union: max, intersection: min, arithmetic_mean, geometric_mean). Channels scoring at
+least the threshold stay; their count is rounded up to a multiple of the granularity, to
+at least min_channels and at most the layer's width, filled with the next best channels.
+Then every producer, normalisation and consumer variable of the space is sliced to those
+channels.
 
 On a space with GroupNorm, whole groups are kept or dropped (a group stays if one of its
 channels does): the groups that stay see exactly the statistics they were trained with,
@@ -64,7 +65,8 @@ def _in_axis(name, kernel):
 def _kernel_norms(weights, name):
     kernel = np.asarray(weights[name + '/W'], np.float64)
     axis = _out_axis(name) % kernel.ndim
-    return np.sqrt(np.square(kernel).sum(axis=tuple(a for a in range(kernel.ndim) if a != axis)))
+    others = tuple(a for a in range(kernel.ndim) if a != axis)
+    return np.sqrt(np.square(kernel).sum(axis=others))
 
 
 def _norm_layers(weights, space):
@@ -79,8 +81,9 @@ def channel_scores(weights, space, equalization, criterion='kernel'):
     over the layer's largest, combined over the layers by EQUALIZATIONS[equalization]."""
     if criterion == 'gamma':
         norms = _norm_layers(weights, space)
+        first = space.producers[0]
         per_layer = [np.abs(np.asarray(weights[n + '/gamma'], np.float64)) for n in norms] \
-            or [np.ones(_kernel_norms(weights, space.producers[0]).shape)]  # kept whole
+            or [np.ones(weights[first + '/W'].shape[_out_axis(first)])]  # kept whole
     else:
         per_layer = [_kernel_norms(weights, name) for name in space.producers]
     per_layer = [v / v.max() if v.max() > 0 else np.ones_like(v) for v in per_layer]
