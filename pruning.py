@@ -69,11 +69,12 @@ def _kernel_norms(weights, name):
     return np.sqrt(np.square(kernel).sum(axis=others))
 
 
-def _norm_layers(weights, space):
-    """Names of the normalisation layers on ``space`` (``<producer>/gn``, ``/bn``, and its
-    separate norms) that have a gamma in ``weights``."""
-    own = [p + suffix for p in space.producers for suffix in ('/gn', '/bn')]
-    return [n for n in own + list(space.norms) if n + '/gamma' in weights]
+def _norm_layers(weights, space, own=('/gn', '/bn')):
+    """Names of the normalisation layers on ``space`` that have a gamma in ``weights``: its
+    producers' own (``<producer>`` + each suffix of ``own``) and its separate norms (all
+    GroupNorms: ``fpn/gn_c2``, ``fastrcnn/gn0``)."""
+    names = [p + suffix for p in space.producers for suffix in own]
+    return [n for n in names + list(space.norms) if n + '/gamma' in weights]
 
 
 def channel_scores(weights, space, equalization, criterion='kernel'):
@@ -143,12 +144,6 @@ def _shared_group_size(width, group_counts):
     return largest if all(largest % size == 0 for size in sizes) else 1
 
 
-def _gn_layers(weights, space):
-    """The GroupNorm layer names on ``space``: ``<producer>/gn`` and its separate norms."""
-    own = [p + '/gn' for p in space.producers if p + '/gn/gamma' in weights]
-    return own + [n for n in space.norms if n + '/gamma' in weights]
-
-
 def prune_weights(weights, spaces, options, gn_groups=None):
     """Prune every channel space not excluded.
 
@@ -184,7 +179,8 @@ def prune_weights(weights, spaces, options, gn_groups=None):
     channels = {}
     for space in candidates:
         width = weights[space.producers[0] + '/W'].shape[_out_axis(space.producers[0])]
-        gns = {gn: gn_groups.get(gn, DEFAULT_GN_GROUPS) for gn in _gn_layers(weights, space)}
+        gns = {gn: gn_groups.get(gn, DEFAULT_GN_GROUPS)
+               for gn in _norm_layers(weights, space, own=('/gn',))}
         scores = channel_scores(weights, space, options.equalization, options.criterion)
         keep = select_channels(scores, options, _shared_group_size(width, gns.values()))
         if len(keep) == width:
