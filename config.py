@@ -7,6 +7,7 @@ optional ``load_yaml``, then ``config.update_args(['KEY=VALUE', ...])``, then
 freezes the tree. Tests override keys with ``cfg.override([...])`` (tests/conftest.py).
 """
 import difflib
+import re
 
 import config_defaults as D
 from config_defaults import LEGACY_VALUES, config
@@ -108,6 +109,22 @@ def _check_prune():
         if width is not None and name.endswith('/gn') and width % groups:
             _fail('PRUNE.GN_GROUPS: {} has {} groups, which do not divide its {} channels '
                   '(PRUNE.CHANNELS).'.format(name, groups, width))
+    _check_dropped_blocks(_C.PRUNE.DROPPED_BLOCKS)
+
+
+def _check_dropped_blocks(blocks):
+    """PRUNE.DROPPED_BLOCKS: names 'group<g>/block<i>' of blocks BACKBONE.DEPTH has."""
+    if not isinstance(blocks, (list, tuple)):
+        _fail('PRUNE.DROPPED_BLOCKS must be a list of block names, got {!r}.'.format(blocks))
+    counts = D.BLOCKS_FOR_DEPTH.get(_C.BACKBONE.DEPTH, [])
+    for name in blocks:
+        m = re.fullmatch(r'group([0-3])/block(\d+)', name) if isinstance(name, str) else None
+        if not m or int(m.group(2)) >= counts[int(m.group(1))]:
+            _fail('PRUNE.DROPPED_BLOCKS: {!r} is not a residual block of ResNet-{} '
+                  '("group<0-3>/block<i>").'.format(name, _C.BACKBONE.DEPTH))
+    if blocks and _C.BACKBONE.NORM == 'None':
+        _fail('PRUNE.DROPPED_BLOCKS needs a BACKBONE.NORM: a dropped block keeps its last '
+              'norm layer\'s beta.')
 
 
 def _validate():

@@ -11,6 +11,8 @@ from config_tree import AttrDict
 # acts on the key (named in brackets).
 TRAINERS = ('replicated', 'horovod')                  # TRAINER (train.py)
 DEPTHS = (18, 34, 50, 101)                            # BACKBONE.DEPTH (modeling/backbone.py)
+# Residual blocks of res2..res5 (group0..group3) for each of DEPTHS.
+BLOCKS_FOR_DEPTH = dict(zip(DEPTHS, ([2, 2, 2, 2], [3, 4, 6, 3], [3, 4, 6, 3], [3, 4, 23, 3])))
 NORMS = ('FreezeBN', 'BN', 'SyncBN', 'GN', 'None')    # BACKBONE.NORM (modeling/backbone.py)
 FPN_NORMS = ('None', 'GN')                            # FPN.NORM (modeling/model_fpn.py)
 FREEZE_AT = (0, 1, 2)                                 # BACKBONE.FREEZE_AT
@@ -213,6 +215,10 @@ _C.TEST.MASK_PASTE = 'zeros'
 # {'fpn/gn_c2': 24}, where pruning left a count the default 32 groups do not divide.
 _C.PRUNE.CHANNELS = {}
 _C.PRUNE.GN_GROUPS = {}
+# Residual blocks whose branch prune.py removed (--drop-blocks), e.g. ['group3/block1']:
+# the block computes relu(shortcut + beta), beta being its last norm layer's shift, which is
+# what the branch added on average (exactly, when that norm's gamma is 0).
+_C.PRUNE.DROPPED_BLOCKS = []
 
 # Keys added with a new default behaviour, and the behaviour the code had before them. A
 # run's config.yaml (a full dump) that lacks one was trained and evaluated that old way.

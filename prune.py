@@ -16,6 +16,12 @@ penalty on the gammas) over a long schedule drives unneeded gammas to 0 for --cr
 gamma. The RPN's and the heads' class / box outputs and the mask predictor are never
 pruned; --exclude keeps more layers whole.
 
+--drop-blocks G removes whole residual branches first: every ResNet block whose last norm
+layer has all |gamma| <= G computes relu(shortcut + beta) instead (PRUNE.DROPPED_BLOCKS).
+Such a branch adds gamma x (a unit-variance signal) + beta, so this changes the block's
+output by at most ~G per channel; a frozen stage's zero-initialised ends (gamma 0) go
+exactly. The channels are then pruned as above in what remains (--threshold 0: none).
+
 --output gets the pruned weights (a checkpoint: ``--load OUTPUT`` reads it) and its
 config.yaml: the model's config (the one next to --load, unless --config-file is given)
 with PRUNE.CHANNELS, the new layer widths, which the model builders read. train.py --load
@@ -60,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument('--criterion', default='kernel', choices=CRITERIA,
                    help='score channels by their kernel norm (TAO), or by |gamma| of their '
                         'norm layer (for models trained with TRAIN.NORM_L1)')
+    p.add_argument('--drop-blocks', type=float, metavar='G',
+                   help='remove every residual branch whose last norm layer has all |gamma| '
+                        '<= G (absolute; e.g. 0.05)')
     p.add_argument('--exclude', metavar='REGEX',
                    help='layers (variable scopes, e.g. "^fpn/|rpn") to keep whole')
     add_config_arguments(p)
@@ -76,6 +85,9 @@ def check_args(args):
     if not 0. <= args.threshold <= 1.:
         raise UserInputError('--threshold must be in [0, 1] (norms are divided by each '
                              'layer\'s largest), got {}.'.format(args.threshold))
+    if args.drop_blocks is not None and args.drop_blocks < 0:
+        raise UserInputError('--drop-blocks must be >= 0 (a |gamma| bound), got {}.'.format(
+            args.drop_blocks))
     if args.granularity < 1 or args.min_channels < 1:
         raise UserInputError('--granularity and --min-channels must be >= 1.')
     if os.path.isdir(args.output) and os.listdir(args.output):
@@ -86,23 +98,33 @@ def prune(args):
     """Read, prune, write, print the summary."""
     import pruning
     from modeling.channel_spaces import channel_spaces
-    from utils.training import read_weights
+    from utils.training import UserInputError, read_weights
     options = pruning.PruneOptions(args.threshold, args.granularity, args.min_channels,
                                    args.equalization, pruning.compile_exclude(args.exclude),
                                    args.criterion)
     weights = read_weights(args.load)
-    spaces, cells = channel_spaces()
-    result = pruning.prune_weights(weights, spaces, options, cfg.PRUNE.GN_GROUPS)
+    _, cells = channel_spaces()  # every layer the model has now: the table's "before"
+    dropped = []
+    if args.drop_blocks is not None:
+        if cfg.BACKBONE.NORM == 'None':
+            raise UserInputError('--drop-blocks needs a backbone with norm layers (it reads '
+                                 'their gamma); BACKBONE.NORM is None.')
+        dropped = pruning.blocks_to_drop(weights, args.drop_blocks, options.exclude)
+    with cfg.override({'PRUNE.DROPPED_BLOCKS': list(cfg.PRUNE.DROPPED_BLOCKS) + dropped}):
+        spaces, _ = channel_spaces()
+    result = pruning.prune_weights(pruning.drop_blocks(weights, dropped), spaces, options,
+                                   cfg.PRUNE.GN_GROUPS)
     widths = pruning.write_pruned_model(result.weights, args.output, result.channels,
-                                        result.gn_groups)
+                                        result.gn_groups, dropped)
     print('\n'.join(pruning.format_summary(pruning.summary_rows(weights, result.weights,
                                                                 cells))))
-    print('prune.py: {} layers narrower ({} in PRUNE.CHANNELS), {} GroupNorm group counts '
-          'changed; pruned model in {}'.format(len(result.channels), len(widths),
-                                              len(result.gn_groups), args.output))
-    # train.py recognises a pruned model by its PRUNE.CHANNELS; with none, say how to retrain
-    config_file = '' if widths else ' --config-file {}'.format(
-        os.path.join(args.output, 'config.yaml'))
+    print('prune.py: {} residual branches removed{}, {} layers narrower ({} in '
+          'PRUNE.CHANNELS), {} GroupNorm group counts changed; pruned model in {}'.format(
+              len(dropped), ' ({})'.format(', '.join(dropped)) if dropped else '',
+              len(result.channels), len(widths), len(result.gn_groups), args.output))
+    # train.py recognises a pruned model by its PRUNE keys; with none, say how to retrain
+    config_file = '' if widths or dropped or cfg.PRUNE.DROPPED_BLOCKS else \
+        ' --config-file {}'.format(os.path.join(args.output, 'config.yaml'))
     print('Retrain it: python train.py --load {}{} --logdir LOGDIR --config '
           'TRAIN.WEIGHT_DECAY=0.'.format(args.output, config_file))
     return 0

@@ -19,6 +19,10 @@ Where the GroupNorms of one space group differently (not nested), channels are c
 by one and each GroupNorm takes the largest group count up to its old one that divides
 the kept count.
 
+Before the channels, ``blocks_to_drop`` / ``drop_blocks`` remove whole residual branches
+(prune.py --drop-blocks): those whose last norm layer has every |gamma| at most a bound.
+The block then adds that norm's beta to its shortcut (modeling.backbone.dropped_block).
+
 Weights are ``{variable name: ndarray}`` as ``utils.training.read_weights`` returns them.
 """
 import collections
@@ -30,11 +34,13 @@ import re
 import numpy as np
 
 from config import config as cfg
+from modeling.backbone import num_blocks_for_depth
 from modeling.channel_spaces import STAGES, layer_stage
+from modeling.widths import dropped_block_shift
 from utils.training import TRAINING_STATE, UserInputError
 
 __all__ = ['CRITERIA', 'EQUALIZATIONS', 'PruneOptions', 'prune_weights', 'summary_rows',
-           'format_summary', 'write_pruned_model']
+           'format_summary', 'write_pruned_model', 'blocks_to_drop', 'drop_blocks']
 
 # --equalization: how the producers of one channel space combine their [C] scores.
 EQUALIZATIONS = {
@@ -193,6 +199,38 @@ def prune_weights(weights, spaces, options, gn_groups=None):
     return PruneResult(weights, channels, gn_groups)
 
 
+def blocks_to_drop(weights, max_gamma, exclude=None):
+    """Residual blocks ('group<g>/block<i>') of the configured backbone whose branch ends in
+    a norm layer with every |gamma| <= ``max_gamma``: the branch adds gamma x (a signal of
+    unit variance) + beta, so without it the block's output moves by at most ~max_gamma
+    per channel. Blocks already dropped (no gamma in ``weights``) and blocks one of whose
+    convs ``exclude`` (compiled regex or None) matches are not listed."""
+    bottleneck = cfg.BACKBONE.DEPTH >= 50
+    found = []
+    for g, count in enumerate(num_blocks_for_depth(cfg.BACKBONE.DEPTH)):
+        for i in range(count):
+            block = 'group{}/block{}'.format(g, i)
+            gamma = weights.get(dropped_block_shift(block, bottleneck) + '/gamma')
+            convs = [block + '/conv{}'.format(k) for k in (1, 2, 3, 'shortcut')]
+            if gamma is None or (exclude and any(exclude.search(c) for c in convs)):
+                continue
+            if np.abs(gamma).max() <= max_gamma:
+                found.append(block)
+    return found
+
+
+def drop_blocks(weights, blocks):
+    """``weights`` without the residual branches of ``blocks``: every variable of their
+    convs and norms goes but the last norm's beta (modeling.backbone.dropped_block); the
+    shortcut conv stays."""
+    if not blocks:
+        return dict(weights)
+    bottleneck = cfg.BACKBONE.DEPTH >= 50
+    keep = {dropped_block_shift(b, bottleneck) + '/beta' for b in blocks}
+    branch = re.compile(r'^({})/conv\d/'.format('|'.join(re.escape(b) for b in blocks)))
+    return {k: v for k, v in weights.items() if k in keep or not branch.match(k)}
+
+
 def summary_rows(before, after, cells):
     """Per stage (modeling.channel_spaces.STAGES) and in total: output channels of its
     layers, parameters and FLOPs (2 per multiply-add of the conv / FC kernels, at the
@@ -226,10 +264,10 @@ def format_summary(rows):
     return lines
 
 
-def write_pruned_model(weights, output_dir, channels, gn_groups):
+def write_pruned_model(weights, output_dir, channels, gn_groups, dropped_blocks=()):
     """Write ``output_dir``/model-0 (a TF checkpoint: ``--load output_dir`` reads it) and
-    ``output_dir``/config.yaml, the global config with PRUNE.CHANNELS / PRUNE.GN_GROUPS
-    (merged with those of an already pruned model).
+    ``output_dir``/config.yaml, the global config with PRUNE.CHANNELS / PRUNE.GN_GROUPS /
+    PRUNE.DROPPED_BLOCKS (merged with those of an already pruned model).
 
     Returns:
         the merged PRUNE.CHANNELS written.
@@ -244,7 +282,9 @@ def write_pruned_model(weights, output_dir, channels, gn_groups):
     finally:
         logger.setLevel(level)
     merged = dict(cfg.PRUNE.CHANNELS, **channels)
-    with cfg.override({'PRUNE.CHANNELS': merged, 'PRUNE.GN_GROUPS': gn_groups}):
+    blocks = list(cfg.PRUNE.DROPPED_BLOCKS) + list(dropped_blocks)
+    with cfg.override({'PRUNE.CHANNELS': merged, 'PRUNE.GN_GROUPS': gn_groups,
+                       'PRUNE.DROPPED_BLOCKS': blocks}):
         cfg.save_yaml(os.path.join(output_dir, 'config.yaml'))
     return merged
 

@@ -23,10 +23,10 @@ from tensorpack.tfutils.varreplace import custom_getter_scope
 from tensorpack.utils.argtools import get_data_format
 
 from config import config as cfg
-from config_defaults import DEPTHS, TRAINABLE_LAYERS
+from config_defaults import BLOCKS_FOR_DEPTH, DEPTHS, TRAINABLE_LAYERS
 from utils.compat import frozen_variable_getter
 
-from .widths import gn_groups, layer_width
+from .widths import block_dropped, dropped_block_shift, gn_groups, layer_width
 
 __all__ = ['GroupNorm', 'num_blocks_for_depth', 'block_func_for_depth', 'num_frozen_stages',
            'backbone_scope', 'resnet_c4_backbone', 'resnet_conv5', 'resnet_fpn_backbone',
@@ -35,8 +35,6 @@ __all__ = ['GroupNorm', 'num_blocks_for_depth', 'block_func_for_depth', 'num_fro
 # Stages frozen by each BACKBONE.TRAINABLE value (config_defaults.TRAINABLE_LAYERS, in
 # order): 'all' none, '3+' stem + res2, ..., 'heads' all 5 (stem + res2..res5).
 FROZEN_STAGES_BY_TRAINABLE = dict(zip(TRAINABLE_LAYERS, (0, 2, 3, 4, 5)))
-# Residual blocks of res2..res5 for each of config_defaults.DEPTHS.
-BLOCKS_FOR_DEPTH = dict(zip(DEPTHS, ([2, 2, 2, 2], [3, 4, 6, 3], [3, 4, 6, 3], [3, 4, 23, 3])))
 
 
 @layer_register(log_shape=True)
@@ -207,12 +205,31 @@ def bottleneck_block(x, channels, stride, first):
     return tf.nn.relu(x + _shortcut(shortcut, channels * 4, stride, project=first))
 
 
+def dropped_block(x, channels, stride, first, bottleneck):
+    """A block whose residual branch prune.py removed (PRUNE.DROPPED_BLOCKS): relu(shortcut
+    + beta), beta [C] being the branch's last norm layer's shift (variable
+    ``dropped_block_shift``), what the branch added on average. Arguments as the block
+    function's; the shortcut is the same as the full block's."""
+    out_channels = channels * 4 if bottleneck else channels
+    x = _shortcut(x, out_channels, stride, project=first and (bottleneck or stride != 1))
+    axis = 1 if feature_data_format() == 'NCHW' else 3
+    with tf.variable_scope(dropped_block_shift('', bottleneck)):
+        beta = tf.get_variable('beta', [x.shape.as_list()[axis]],
+                               initializer=tf.zeros_initializer())
+    shape = [1, -1, 1, 1] if axis == 1 else [1, 1, 1, -1]
+    return tf.nn.relu(x + tf.cast(tf.reshape(beta, shape), x.dtype))
+
+
 def resnet_group(name, x, block_func, channels, count, stride):
     """``count`` blocks under ``name/block{i}``; the first has the stride."""
     with tf.variable_scope(name):
         for i in range(count):
             with tf.variable_scope('block{}'.format(i)):
-                x = block_func(x, channels, stride if i == 0 else 1, first=i == 0)
+                if block_dropped():
+                    x = dropped_block(x, channels, stride if i == 0 else 1, i == 0,
+                                      bottleneck=block_func is bottleneck_block)
+                else:
+                    x = block_func(x, channels, stride if i == 0 else 1, first=i == 0)
     return x
 
 

@@ -6,7 +6,9 @@ block's last conv, the shortcut conv and, in ResNet-18/34, the stem; the FPN lat
 summed top-down; the FPN outputs, all read by one shared RPN and RoI heads), the
 normalisation layers on them, and the consumer layers that read them as input channels.
 Layers that only consume (the RPN's and the heads' class / box outputs, the mask
-predictor ``maskrcnn/conv``) are never pruned.
+predictor ``maskrcnn/conv``) are never pruned. A dropped residual block
+(PRUNE.DROPPED_BLOCKS) has no convs left in its branch; the beta it adds is a norm of its
+residual space.
 
 Layer names are variable scopes as in the checkpoint (modeling/*.py; DESIGN.md "Variable
 names"). For FLOPs every layer also gets its output positions per image at the test size:
@@ -20,6 +22,7 @@ from config import config as cfg
 from utils.graph_inputs import image_pad_multiple
 
 from .backbone import num_blocks_for_depth
+from .widths import dropped_block_shift
 
 __all__ = ['ChannelSpace', 'channel_spaces', 'layer_stage', 'STAGES']
 
@@ -82,24 +85,38 @@ def _resnet_groups(b, space, groups, first_group=0, roi_count=None):
         else:
             out_cells, in_cells = 49 * roi_count, 196 * roi_count
         for i in range(num_blocks[g]):
-            prefix = 'group{}/block{}/'.format(g, i)
+            block = 'group{}/block{}'.format(g, i)
             strided = i == 0 and (g > 0 or roi_count is not None)
-            convs = [prefix + 'conv{}'.format(k) for k in range(1, 4 if bottleneck else 3)]
-            cells = [out_cells] * len(convs)
-            if strided and bottleneck and not cfg.BACKBONE.STRIDE_1X1:
-                cells[0] = in_cells  # the stride sits in the 3x3 conv
-            inner = b.chain(convs[:-1], space, cells[:-1])
-            inner.consumers.append(convs[-1])
-            b.cells[convs[-1]] = out_cells
+            # a dropped block (PRUNE.DROPPED_BLOCKS) adds only its last norm's beta
+            dropped = block in cfg.PRUNE.DROPPED_BLOCKS
+            if dropped:
+                ends = dict(producers=[], norms=[dropped_block_shift(block, bottleneck)])
+            else:
+                ends = dict(producers=[_block_branch(b, space, block, strided, bottleneck,
+                                                     (in_cells, out_cells))], norms=[])
             if i == 0 and (strided or bottleneck):  # a 1x1 conv shortcut
-                shortcut = prefix + 'convshortcut'
+                shortcut = block + '/convshortcut'
                 space.consumers.append(shortcut)
                 b.cells[shortcut] = out_cells
-                space = b.space([convs[-1], shortcut])
+                space = b.space(ends['producers'] + [shortcut], norms=ends['norms'])
             else:  # identity: the block adds its output to its input's channels
-                space.producers.append(convs[-1])
+                space.producers.extend(ends['producers'])
+                space.norms.extend(ends['norms'])
         outputs.append(space)
     return outputs
+
+
+def _block_branch(b, space, block, strided, bottleneck, cells):
+    """The convs of a residual branch reading ``space``; returns the last one's name.
+    ``cells``: (input, output) positions of the block."""
+    convs = [block + '/conv{}'.format(k) for k in range(1, 4 if bottleneck else 3)]
+    conv_cells = [cells[1]] * len(convs)
+    if strided and bottleneck and not cfg.BACKBONE.STRIDE_1X1:
+        conv_cells[0] = cells[0]  # the stride sits in the 3x3 conv
+    inner = b.chain(convs[:-1], space, conv_cells[:-1])
+    inner.consumers.append(convs[-1])
+    b.cells[convs[-1]] = cells[1]
+    return convs[-1]
 
 
 def _box_head_spaces(b, features, prefix):

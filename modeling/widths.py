@@ -13,7 +13,7 @@ import tensorflow.compat.v1 as tf
 
 from config import config as cfg
 
-__all__ = ['layer_width', 'gn_groups', 'scoped_name']
+__all__ = ['layer_width', 'gn_groups', 'scoped_name', 'block_dropped', 'dropped_block_shift']
 
 
 def scoped_name(name=''):
@@ -33,3 +33,16 @@ def gn_groups(default):
     """Groups of the GroupNorm layer whose variable scope is the current one:
     PRUNE.GN_GROUPS of its name, else ``default``."""
     return cfg.PRUNE.GN_GROUPS.get(scoped_name(), default)
+
+
+def block_dropped():
+    """Whether prune.py removed the branch of the residual block whose variable scope is the
+    current one (PRUNE.DROPPED_BLOCKS)."""
+    return scoped_name() in cfg.PRUNE.DROPPED_BLOCKS
+
+
+def dropped_block_shift(block, bottleneck):
+    """The norm layer (variable scope) whose ``beta`` a dropped block keeps: that of the
+    branch's last conv, ``<block>/conv2/gn`` (basic block, GroupNorm), ``.../conv3/bn``."""
+    norm = 'gn' if cfg.BACKBONE.NORM == 'GN' else 'bn'
+    return '/'.join(p for p in (block, 'conv{}'.format(3 if bottleneck else 2), norm) if p)

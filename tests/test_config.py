@@ -125,6 +125,12 @@ def test_finalize_derives_classes_and_format(fresh_cfg, toy_dataset):
     (['PRUNE.GN_GROUPS={"fpn/gn_c2":2.5}'], 'must be a layer name and a positive int'),
     (['PRUNE.CHANNELS={"conv0":24}', 'PRUNE.GN_GROUPS={"conv0/gn":16}'],
      'conv0/gn has 16 groups, which do not divide its 24 channels'),
+    (['PRUNE.DROPPED_BLOCKS=["group0/block3"]'], "'group0/block3' is not a residual block of "
+                                                 'ResNet-50'),
+    (['PRUNE.DROPPED_BLOCKS=["res5/block0"]'], 'is not a residual block'),
+    (['PRUNE.DROPPED_BLOCKS=[3]'], '3 is not a residual block'),
+    (['BACKBONE.NORM=None', 'PRUNE.DROPPED_BLOCKS=["group3/block0"]'],
+     'PRUNE.DROPPED_BLOCKS needs a BACKBONE.NORM'),
 ])
 def test_finalize_validation_errors(fresh_cfg, toy_dataset, args, message):
     cfg.update_args(['DATA.TRAIN=cfgtest_train', 'DATA.VAL=cfgtest_train'] + args)

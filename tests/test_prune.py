@@ -22,8 +22,9 @@ import prune
 import pruning
 from config import config as cfg, finalize_configs
 from dataset import DatasetRegistry, register_shapes
-from modeling.channel_spaces import ChannelSpace, channel_spaces
+from modeling.backbone import num_blocks_for_depth
 from modeling.generalized_rcnn import build_model
+from modeling.widths import dropped_block_shift
 from tiny import configured
 from utils.training import WeightsLoader, read_weights
 
@@ -96,78 +97,6 @@ def _assert_same_detections(got, want):
     for g, w in zip(got, want):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, atol=1e-4)
-
-
-# ---------------------------------------------------------------------------- selection
-def test_select_channels_threshold_granularity_minimum():
-    scores = np.array([1., .9, .1, .8, .2, .05, .7, .3])
-    opts = pruning.PruneOptions(0.5, 1, 1, 'union', None)
-    assert pruning.select_channels(scores, opts).tolist() == [0, 1, 3, 6]
-    # 4 kept, rounded up to 6: the next best (.3, .2) join; the order stays sorted
-    opts = opts._replace(granularity=3)
-    assert pruning.select_channels(scores, opts).tolist() == [0, 1, 3, 4, 6, 7]
-    opts = opts._replace(threshold=0.95, granularity=1, min_channels=3)
-    assert pruning.select_channels(scores, opts).tolist() == [0, 1, 3]
-    opts = opts._replace(threshold=0., min_channels=1)
-    assert len(pruning.select_channels(scores, opts)) == 8  # 0 keeps every channel
-    opts = opts._replace(threshold=1., granularity=16)
-    assert len(pruning.select_channels(scores, opts)) == 8  # never more than the width
-
-
-def test_select_whole_groups():
-    """group_size 2 (a GroupNorm of 2 channels per group): a group stays if one of its
-    channels passes; granularity and min_channels count channels, rounded to groups."""
-    scores = np.array([1., .1, .2, .3, .1, .9, .2, .2])
-    opts = pruning.PruneOptions(0.5, 1, 1, 'union', None)
-    assert pruning.select_channels(scores, opts, 2).tolist() == [0, 1, 4, 5]
-    opts = opts._replace(granularity=3)  # 6 channels: 3 groups, the next best (.3) joins
-    assert pruning.select_channels(scores, opts, 2).tolist() == [0, 1, 2, 3, 4, 5]
-    opts = opts._replace(threshold=0.95, granularity=1, min_channels=3)  # 2 groups
-    assert pruning.select_channels(scores, opts, 2).tolist() == [0, 1, 4, 5]
-    assert pruning._shared_group_size(64, [32, 16]) == 4     # 2 and 4 per group: nested
-    assert pruning._shared_group_size(48, [16, 8]) == 6
-    assert pruning._shared_group_size(60, [12, 15]) == 1     # 5 and 4: chosen one by one
-
-
-def test_gamma_criterion_scores_the_norm_layers():
-    space = ChannelSpace(['a', 'b'], ['c'], [])
-    rs = np.random.RandomState(0)
-    weights = {n + '/W': rs.uniform(.5, 1., (3, 3, 4, 6)) for n in 'ab'}
-    weights['a/gn/gamma'] = np.array([2., -2., .1, 1., .2, .0])
-    weights['c/gamma'] = np.array([1., 1., .05, -.1, .1, .0])
-    got = pruning.channel_scores(weights, space, 'union', 'gamma')
-    np.testing.assert_allclose(got, [1., 1., .05, .5, .1, 0.])
-    kernel = pruning.channel_scores(weights, space, 'union', 'kernel')
-    assert kernel.min() > .5  # the kernels know nothing of the gammas
-    del weights['a/gn/gamma'], weights['c/gamma']  # no norm: kept whole
-    np.testing.assert_array_equal(pruning.channel_scores(weights, space, 'union', 'gamma'),
-                                  np.ones(6))
-
-
-def test_gn_groups_keep_channels_per_group_or_divide():
-    assert pruning.adjusted_groups(64, 32, 48) == 24      # 2 channels per group kept
-    assert pruning.adjusted_groups(256, 32, 200) == 25     # 8 per group
-    assert pruning.adjusted_groups(64, 32, 36) == 18
-    assert pruning.adjusted_groups(256, 32, 36) == 18      # 36 % 8: largest divisor <= 32
-    assert pruning.adjusted_groups(32, 32, 24) == 24
-
-
-def test_equalization_modes_of_a_residual_group():
-    """One channel weak in only one member of a residual group: union keeps it, intersection
-    drops it from every member, the means fall in between."""
-    with configured(NO_NORM, is_training=False):
-        spaces, _ = channel_spaces()
-    group = next(s for s in spaces if 'group1/block0/convshortcut' in s.producers)
-    assert sorted(group.producers) == ['group1/block0/conv2', 'group1/block0/convshortcut',
-                                       'group1/block1/conv2']
-    rs = np.random.RandomState(0)
-    weights = {p + '/W': rs.uniform(0.9, 1., (3, 3, 8, 16)) for p in group.producers}
-    weights['group1/block0/convshortcut/W'][..., 5] *= 0.01
-    scores = {mode: pruning.channel_scores(weights, group, mode)
-              for mode in pruning.EQUALIZATIONS}
-    assert scores['union'][5] > 0.9 and scores['intersection'][5] < 0.02
-    assert 0.5 < scores['arithmetic_mean'][5] < 0.7
-    assert scores['intersection'][5] < scores['geometric_mean'][5] < 0.3
 
 
 # ---------------------------------------------------------------------------- one model
@@ -254,6 +183,45 @@ def test_dead_gn_groups_go_whole_by_gamma_and_change_no_output(tmp_path):
     _assert_same_detections(detections(out, _image()), detections(model, _image()))
 
 
+# Residual blocks of the R-18 GN model kept alive (random last gamma); every other block's
+# branch ends in gamma 0 (its zero init) and a random beta, so it adds exactly its beta.
+LIVE_BLOCKS = ('group0/block1', 'group2/block0')
+
+
+def _live_blocks(weights):
+    rs = np.random.RandomState(1)
+    bottleneck = cfg.BACKBONE.DEPTH >= 50
+    for g, count in enumerate(num_blocks_for_depth(cfg.BACKBONE.DEPTH)):
+        for i in range(count):
+            block = 'group{}/block{}'.format(g, i)
+            norm = dropped_block_shift(block, bottleneck)
+            size = weights[norm + '/gamma'].shape
+            weights[norm + '/beta'] = rs.uniform(-.2, .2, size).astype(np.float32)
+            if block in LIVE_BLOCKS:
+                weights[norm + '/gamma'] = rs.uniform(.5, 1., size).astype(np.float32)
+
+
+def test_dropped_blocks_add_their_beta_and_change_no_output(tmp_path):
+    """--drop-blocks 0 removes exactly the branches whose last gamma is 0 (strided blocks
+    keep their shortcut conv); the model computes relu(shortcut + beta) there, which is
+    what those branches computed, so the detections stay the same."""
+    model = make_model(str(tmp_path / 'model'), ['BACKBONE.NORM=GN'] + GN_DEMO,
+                       edit=_live_blocks)
+    out = str(tmp_path / 'pruned')
+    assert run_prune('--load', model, '--threshold', 0, '--drop-blocks', 0,
+                     '--output', out) == 0
+    with model_config(out):
+        dropped = list(cfg.PRUNE.DROPPED_BLOCKS)
+    assert dropped == [b for b in ('group{}/block{}'.format(g, i) for g in range(4)
+                                   for i in range(2)) if b not in LIVE_BLOCKS]
+    before, after = read_weights(model), read_weights(out)
+    assert 'group1/block0/conv1/W' not in after and 'group1/block0/conv2/gn/gamma' not in after
+    np.testing.assert_array_equal(after['group1/block0/conv2/gn/beta'],
+                                  before['group1/block0/conv2/gn/beta'])
+    assert 'group1/block0/convshortcut/W' in after and 'group2/block0/conv1/W' in after
+    _assert_same_detections(detections(out, _image()), detections(model, _image()))
+
+
 def test_norm_l1_penalises_every_trained_gamma():
     """TRAIN.NORM_L1: the training cost holds lambda * sum |gamma| over every trained norm
     layer's gamma (the zero-initialised ones of the residual ends included)."""
@@ -274,24 +242,33 @@ def test_norm_l1_penalises_every_trained_gamma():
     assert l1_cost(0.)[0] == []  # off: no such cost
 
 
+C4_R50 = ['MODE_FPN=False', 'BACKBONE.DEPTH=50', 'BACKBONE.NORM=FreezeBN']
 VARIANTS = [  # every backbone family, norm, head and the cascade, pruned and rebuilt
-    (['MODE_FPN=False', 'BACKBONE.DEPTH=50', 'BACKBONE.NORM=FreezeBN'], 'c4-r50-freezebn'),
-    (['CASCADE.ENABLED=True', 'BACKBONE.NORM=GN'] + GN_DEMO, 'cascade-gn-4conv'),
-    (['BACKBONE.NORM=SyncBN', 'FPN.FRCNN_HEAD_FUNC=fastrcnn_4conv1fc_head'], 'fpn-syncbn-4conv'),
+    (C4_R50, 'c4-r50-freezebn', []),
+    (['CASCADE.ENABLED=True', 'BACKBONE.NORM=GN'] + GN_DEMO, 'cascade-gn-4conv', []),
+    (['BACKBONE.NORM=SyncBN', 'FPN.FRCNN_HEAD_FUNC=fastrcnn_4conv1fc_head'], 'fpn-syncbn-4conv',
+     []),
+    # fresh weights: every branch ends in gamma 0; res4 and res5 (on the RoIs) go
+    (C4_R50, 'c4-r50-dropped', ['--drop-blocks', 0, '--exclude', '^rpn/|^group[01]/']),
 ]
 
 
-@pytest.mark.parametrize('overrides', [pytest.param(o, id=i) for o, i in VARIANTS])
-def test_pruned_variant_builds_and_loads(overrides, tmp_path):
+@pytest.mark.parametrize('overrides, args', [pytest.param(o, a, id=i) for o, i, a in VARIANTS])
+def test_pruned_variant_builds_and_loads(overrides, args, tmp_path):
     model = make_model(str(tmp_path / 'model'), overrides)
     out = str(tmp_path / 'pruned')
     # random weights: 0.9 of the largest norm prunes part of most layers
     assert run_prune('--load', model, '--threshold', 0.9, '--output', out,
-                     '--equalization', 'arithmetic_mean', '--exclude', '^rpn/') == 0
+                     '--equalization', 'arithmetic_mean', *(args or ['--exclude', '^rpn/'])) == 0
     before, after = read_weights(model), read_weights(out)
     with model_config(out):
         widths, groups = dict(cfg.PRUNE.CHANNELS), dict(cfg.PRUNE.GN_GROUPS)
+        dropped = list(cfg.PRUNE.DROPPED_BLOCKS)
     assert widths and not any(k.startswith('rpn/') for k in widths)
+    if args:
+        assert dropped == ['group2/block{}'.format(i) for i in range(6)] + \
+            ['group3/block{}'.format(i) for i in range(3)]
+        assert 'group3/block1/conv2/W' not in after and 'group3/block1/conv3/bn/beta' in after
     assert all(w % 8 == 0 and w >= 16 for w in widths.values())
     assert sum(v.size for v in after.values()) < sum(v.size for v in before.values())
     for gn, g in groups.items():  # recorded counts divide the pruned widths
@@ -319,20 +296,25 @@ E2E = [pytest.param(['BACKBONE.NORM=GN'] + GN_DEMO, id='r18-gn-demo'),
 
 @pytest.mark.parametrize('overrides', E2E)
 def test_pruned_model_trains_predicts_and_exports(overrides, tmp_path):
-    model = make_model(str(tmp_path / 'model'), overrides)
+    """Channels pruned at 0.9 and the residual branches left at gamma 0 removed."""
+    model = make_model(str(tmp_path / 'model'), overrides, edit=_live_blocks)
     pruned = str(tmp_path / 'pruned')
-    p = run_script(['prune.py', '--load', model, '--threshold', 0.9, '--output', pruned])
+    p = run_script(['prune.py', '--load', model, '--threshold', 0.9, '--output', pruned,
+                    '--drop-blocks', 0.])
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r'^total .*->', p.stdout, re.M), p.stdout[-2000:]
+    assert re.search(r'prune.py: \d+ residual branches removed', p.stdout), p.stdout[-2000:]
     logdir = str(tmp_path / 'retrain')
     p = run_script(['train.py', '--load', pruned, '--logdir', logdir, '--config'] +
                    SHORT_TRAINING)
     assert p.returncode == 0, p.stderr[-3000:]
     assert 'Not loaded' not in p.stdout + p.stderr
     with model_config(pruned):
-        widths = dict(cfg.PRUNE.CHANNELS)
-    with model_config(logdir):  # the retrained run keeps the pruned widths
+        widths, dropped = dict(cfg.PRUNE.CHANNELS), list(cfg.PRUNE.DROPPED_BLOCKS)
+    assert dropped and not set(dropped) & set(LIVE_BLOCKS)
+    with model_config(logdir):  # the retrained run keeps the pruned widths and blocks
         assert cfg.PRUNE.CHANNELS == widths and cfg.TRAIN.WEIGHT_DECAY == 0.
+        assert cfg.PRUNE.DROPPED_BLOCKS == dropped
     image = os.path.join(str(tmp_path), 'image.png')
     cv2.imwrite(image, _image().astype(np.uint8))
     frozen = str(tmp_path / 'frozen.pb')
@@ -362,6 +344,10 @@ BAD = [  # (arguments after --load MODEL, pattern of the one Error: line)
      r'--exclude .* matches a layer of every channel group'),
     (['--threshold', '0.5', '--output', '{tmp}/e', '--exclude', '('], r'not a valid regular'),
     (['--threshold', '0.5', '--output', '{model}'], r'exists and is not empty'),
+    (['--threshold', '0', '--output', '{tmp}/i', '--drop-blocks', '-1'],
+     r'--drop-blocks must be >= 0'),
+    (['--threshold', '0', '--output', '{tmp}/j', '--drop-blocks', '0.1'],  # BACKBONE.NORM=None
+     r'--drop-blocks needs a backbone with norm layers'),
 ]
 
 
@@ -378,4 +364,4 @@ def test_bad_arguments_are_one_line_errors(tiny_model, tmp_path):
         errors = [line for line in p.stderr.splitlines() if line.startswith('Error: ')]
         assert p.returncode == 1 and 'Traceback' not in p.stderr, info
         assert len(errors) == 1 and re.search(pattern, errors[0]), info
-    assert not any(os.path.exists(tmp_path / d) for d in 'acdegh')
+    assert not any(os.path.exists(tmp_path / d) for d in 'acdeghij')
