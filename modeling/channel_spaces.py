@@ -87,21 +87,19 @@ def _resnet_groups(b, space, groups, first_group=0, roi_count=None):
         for i in range(num_blocks[g]):
             block = 'group{}/block{}'.format(g, i)
             strided = i == 0 and (g > 0 or roi_count is not None)
-            # a dropped block (PRUNE.DROPPED_BLOCKS) adds only its last norm's beta
-            dropped = block in cfg.PRUNE.DROPPED_BLOCKS
-            if dropped:
-                ends = dict(producers=[], norms=[dropped_block_shift(block, bottleneck)])
+            if block in cfg.PRUNE.DROPPED_BLOCKS:  # adds only its last norm's beta
+                ends, norms = [], [dropped_block_shift(block, bottleneck)]
             else:
-                ends = dict(producers=[_block_branch(b, space, block, strided, bottleneck,
-                                                     (in_cells, out_cells))], norms=[])
+                ends, norms = [_block_branch(b, space, block, strided, bottleneck,
+                                             (in_cells, out_cells))], []
             if i == 0 and (strided or bottleneck):  # a 1x1 conv shortcut
                 shortcut = block + '/convshortcut'
                 space.consumers.append(shortcut)
                 b.cells[shortcut] = out_cells
-                space = b.space(ends['producers'] + [shortcut], norms=ends['norms'])
+                space = b.space(ends + [shortcut], norms=norms)
             else:  # identity: the block adds its output to its input's channels
-                space.producers.extend(ends['producers'])
-                space.norms.extend(ends['norms'])
+                space.producers.extend(ends)
+                space.norms.extend(norms)
         outputs.append(space)
     return outputs
 

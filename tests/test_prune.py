@@ -220,6 +220,13 @@ def test_dropped_blocks_add_their_beta_and_change_no_output(tmp_path):
                                   before['group1/block0/conv2/gn/beta'])
     assert 'group1/block0/convshortcut/W' in after and 'group2/block0/conv1/W' in after
     _assert_same_detections(detections(out, _image()), detections(model, _image()))
+    again = str(tmp_path / 'again')  # pruning the pruned model adds the live blocks
+    assert run_prune('--load', out, '--threshold', 0, '--drop-blocks', 1, '--output',
+                     again) == 0
+    with model_config(again):
+        assert cfg.PRUNE.DROPPED_BLOCKS == dropped + list(LIVE_BLOCKS)
+    assert not any(re.match(r'group\d/block\d/conv\d/W', k) for k in read_weights(again))
+    assert detections(again, _image())[0].shape[1] == 4
 
 
 def test_norm_l1_penalises_every_trained_gamma():
