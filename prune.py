@@ -20,7 +20,8 @@ pruned; --exclude keeps more layers whole.
 layer has all |gamma| <= G computes relu(shortcut + beta) instead (PRUNE.DROPPED_BLOCKS).
 Such a branch adds gamma x (a unit-variance signal) + beta, so this changes the block's
 output by at most ~G per channel; a frozen stage's zero-initialised ends (gamma 0) go
-exactly. The channels are then pruned as above in what remains (--threshold 0: none).
+exactly. Each branch's largest |gamma| is printed, to choose G by. The channels are then
+pruned as above in what remains (--threshold 0: none).
 
 --output gets the pruned weights (a checkpoint: ``--load OUTPUT`` reads it) and its
 config.yaml: the model's config (the one next to --load, unless --config-file is given)
@@ -110,6 +111,9 @@ def prune(args):
             raise UserInputError('--drop-blocks needs a backbone with norm layers (it reads '
                                  'their gamma); BACKBONE.NORM is None.')
         dropped = pruning.blocks_to_drop(weights, args.drop_blocks, options.exclude)
+        print('largest |gamma| ending each residual branch (* removed): ' + ', '.join(
+            '{} {:.3f}{}'.format(b, g, '*' if b in dropped else '')
+            for b, g in pruning.branch_gammas(weights, options.exclude).items()))
     with cfg.override({'PRUNE.DROPPED_BLOCKS': list(cfg.PRUNE.DROPPED_BLOCKS) + dropped}):
         spaces, _ = channel_spaces()
     result = pruning.prune_weights(pruning.drop_blocks(weights, dropped), spaces, options,

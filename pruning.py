@@ -40,7 +40,8 @@ from modeling.widths import dropped_block_shift
 from utils.training import TRAINING_STATE, UserInputError
 
 __all__ = ['CRITERIA', 'EQUALIZATIONS', 'PruneOptions', 'prune_weights', 'summary_rows',
-           'format_summary', 'write_pruned_model', 'blocks_to_drop', 'drop_blocks']
+           'format_summary', 'write_pruned_model', 'branch_gammas', 'blocks_to_drop',
+           'drop_blocks']
 
 # --equalization: how the producers of one channel space combine their [C] scores.
 EQUALIZATIONS = {
@@ -199,24 +200,27 @@ def prune_weights(weights, spaces, options, gn_groups=None):
     return PruneResult(weights, channels, gn_groups)
 
 
-def blocks_to_drop(weights, max_gamma, exclude=None):
-    """Residual blocks ('group<g>/block<i>') of the configured backbone whose branch ends in
-    a norm layer with every |gamma| <= ``max_gamma``: the branch adds gamma x (a signal of
-    unit variance) + beta, so without it the block's output moves by at most ~max_gamma
-    per channel. Blocks already dropped (no gamma in ``weights``) and blocks one of whose
-    convs ``exclude`` (compiled regex or None) matches are not listed."""
+def branch_gammas(weights, exclude=None):
+    """{block ('group<g>/block<i>'): largest |gamma| of the norm layer ending its residual
+    branch}, in order, for the configured backbone's blocks that still have their branch
+    (a gamma in ``weights``) and none of whose convs ``exclude`` (regex or None) matches."""
     bottleneck = cfg.BACKBONE.DEPTH >= 50
-    found = []
+    found = collections.OrderedDict()
     for g, count in enumerate(num_blocks_for_depth(cfg.BACKBONE.DEPTH)):
         for i in range(count):
             block = 'group{}/block{}'.format(g, i)
             gamma = weights.get(dropped_block_shift(block, bottleneck) + '/gamma')
             convs = [block + '/conv{}'.format(k) for k in (1, 2, 3, 'shortcut')]
-            if gamma is None or (exclude and any(exclude.search(c) for c in convs)):
-                continue
-            if np.abs(gamma).max() <= max_gamma:
-                found.append(block)
+            if gamma is not None and not (exclude and any(exclude.search(c) for c in convs)):
+                found[block] = float(np.abs(gamma).max())
     return found
+
+
+def blocks_to_drop(weights, max_gamma, exclude=None):
+    """The blocks of ``branch_gammas`` whose branch's last gamma is <= ``max_gamma``: the
+    branch adds gamma x (a signal of unit variance) + beta, so without it the block's
+    output moves by at most ~max_gamma per channel."""
+    return [b for b, g in branch_gammas(weights, exclude).items() if g <= max_gamma]
 
 
 def drop_blocks(weights, blocks):

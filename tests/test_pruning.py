@@ -89,6 +89,8 @@ def test_blocks_to_drop_by_largest_gamma():
                    'group0/block1/conv3/gn/gamma': np.array([.1, .31]),
                    'group0/block2/conv2/gn/gamma': np.zeros(2),  # not a branch end in R-50
                    'group3/block2/conv3/gn/gamma': np.zeros(2)}
+        assert pruning.branch_gammas(weights) == {'group0/block0': .3, 'group0/block1': .31,
+                                                  'group3/block2': 0.}
         assert pruning.blocks_to_drop(weights, .3) == ['group0/block0', 'group3/block2']
         assert pruning.blocks_to_drop(weights, .3, re.compile('block0/convshortcut')) == \
             ['group3/block2']
