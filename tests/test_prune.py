@@ -1,6 +1,7 @@
-"""prune.py: channel selection, residual / FPN groups, exact slicing, the pruned models of
-every architecture building and loading, the pruned R-18 GN model through train.py,
-predict.py and the export, and the user errors.
+"""prune.py on whole models: residual / FPN groups, exact slicing, dropped residual
+branches, the pruned models of every architecture building and loading, the pruned R-18 GN
+model through train.py, predict.py and the export, and the user errors (the selection
+itself: tests/test_pruning.py).
 
 Models here are tiny (tests/tiny.py) with freshly initialised weights, saved as a run
 would be (a checkpoint and its config.yaml)."""
