@@ -113,9 +113,8 @@ def _check_prune():
 
 
 def _check_dropped_blocks(blocks):
-    """PRUNE.DROPPED_BLOCKS: names 'group<g>/block<i>' of blocks BACKBONE.DEPTH has."""
-    if not isinstance(blocks, (list, tuple)):
-        _fail('PRUNE.DROPPED_BLOCKS must be a list of block names, got {!r}.'.format(blocks))
+    """PRUNE.DROPPED_BLOCKS (a list: the config tree checks that): names 'group<g>/block<i>'
+    of blocks BACKBONE.DEPTH has."""
     counts = D.BLOCKS_FOR_DEPTH.get(_C.BACKBONE.DEPTH, [])
     for name in blocks:
         m = re.fullmatch(r'group([0-3])/block(\d+)', name) if isinstance(name, str) else None

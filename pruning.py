@@ -34,9 +34,8 @@ import re
 import numpy as np
 
 from config import config as cfg
-from modeling.backbone import num_blocks_for_depth
+from modeling.backbone import dropped_block_shift, residual_blocks
 from modeling.channel_spaces import STAGES, layer_stage
-from modeling.widths import dropped_block_shift
 from utils.training import TRAINING_STATE, UserInputError
 
 __all__ = ['CRITERIA', 'EQUALIZATIONS', 'PruneOptions', 'prune_weights', 'summary_rows',
@@ -204,15 +203,12 @@ def branch_gammas(weights, exclude=None):
     """{block ('group<g>/block<i>'): largest |gamma| of the norm layer ending its residual
     branch}, in order, for the configured backbone's blocks that still have their branch
     (a gamma in ``weights``) and none of whose convs ``exclude`` (regex or None) matches."""
-    bottleneck = cfg.BACKBONE.DEPTH >= 50
     found = collections.OrderedDict()
-    for g, count in enumerate(num_blocks_for_depth(cfg.BACKBONE.DEPTH)):
-        for i in range(count):
-            block = 'group{}/block{}'.format(g, i)
-            gamma = weights.get(dropped_block_shift(block, bottleneck) + '/gamma')
-            convs = [block + '/conv{}'.format(k) for k in (1, 2, 3, 'shortcut')]
-            if gamma is not None and not (exclude and any(exclude.search(c) for c in convs)):
-                found[block] = float(np.abs(gamma).max())
+    for block in residual_blocks():
+        gamma = weights.get(dropped_block_shift(block) + '/gamma')
+        convs = [block + '/conv{}'.format(k) for k in (1, 2, 3, 'shortcut')]
+        if gamma is not None and not (exclude and any(exclude.search(c) for c in convs)):
+            found[block] = float(np.abs(gamma).max())
     return found
 
 
@@ -229,8 +225,7 @@ def drop_blocks(weights, blocks):
     shortcut conv stays."""
     if not blocks:
         return dict(weights)
-    bottleneck = cfg.BACKBONE.DEPTH >= 50
-    keep = {dropped_block_shift(b, bottleneck) + '/beta' for b in blocks}
+    keep = {dropped_block_shift(b) + '/beta' for b in blocks}
     branch = re.compile(r'^({})/conv\d/'.format('|'.join(re.escape(b) for b in blocks)))
     return {k: v for k, v in weights.items() if k in keep or not branch.match(k)}
 

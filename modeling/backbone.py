@@ -26,9 +26,10 @@ from config import config as cfg
 from config_defaults import BLOCKS_FOR_DEPTH, DEPTHS, TRAINABLE_LAYERS
 from utils.compat import frozen_variable_getter
 
-from .widths import block_dropped, dropped_block_shift, gn_groups, layer_width
+from .widths import block_dropped, gn_groups, layer_width
 
-__all__ = ['GroupNorm', 'num_blocks_for_depth', 'block_func_for_depth', 'num_frozen_stages',
+__all__ = ['GroupNorm', 'num_blocks_for_depth', 'block_func_for_depth', 'residual_blocks',
+           'dropped_block_shift', 'num_frozen_stages',
            'backbone_scope', 'resnet_c4_backbone', 'resnet_conv5', 'resnet_fpn_backbone',
            'feature_data_format']
 
@@ -81,6 +82,22 @@ def block_func_for_depth(depth):
     """``basic_block`` for ResNet-18/34, ``bottleneck_block`` for ResNet-50/101."""
     num_blocks_for_depth(depth)  # validates
     return basic_block if depth < 50 else bottleneck_block
+
+
+def residual_blocks():
+    """Names ('group<g>/block<i>') of the configured ResNet's residual blocks, in order."""
+    return ['group{}/block{}'.format(g, i)
+            for g, count in enumerate(num_blocks_for_depth(cfg.BACKBONE.DEPTH))
+            for i in range(count)]
+
+
+def dropped_block_shift(block=''):
+    """The norm layer (variable scope) ending the residual branch of ``block`` (default: the
+    current scope's block), whose ``beta`` a dropped block keeps: ``<block>/conv2/gn``
+    (basic block, GroupNorm), ``.../conv3/bn`` (bottleneck, BatchNorm), ..."""
+    last = 'conv3' if block_func_for_depth(cfg.BACKBONE.DEPTH) is bottleneck_block else 'conv2'
+    norm = 'gn' if cfg.BACKBONE.NORM == 'GN' else 'bn'
+    return '/'.join(p for p in (block, last, norm) if p)
 
 
 def num_frozen_stages(freeze_at=None, trainable=None):
@@ -213,7 +230,7 @@ def dropped_block(x, channels, stride, first, bottleneck):
     out_channels = channels * 4 if bottleneck else channels
     x = _shortcut(x, out_channels, stride, project=first and (bottleneck or stride != 1))
     axis = 1 if feature_data_format() == 'NCHW' else 3
-    with tf.variable_scope(dropped_block_shift('', bottleneck)):
+    with tf.variable_scope(dropped_block_shift()):
         beta = tf.get_variable('beta', [x.shape.as_list()[axis]],
                                initializer=tf.zeros_initializer())
     shape = [1, -1, 1, 1] if axis == 1 else [1, 1, 1, -1]

@@ -21,8 +21,7 @@ from collections import namedtuple
 from config import config as cfg
 from utils.graph_inputs import image_pad_multiple
 
-from .backbone import num_blocks_for_depth
-from .widths import dropped_block_shift
+from .backbone import dropped_block_shift, num_blocks_for_depth
 
 __all__ = ['ChannelSpace', 'channel_spaces', 'layer_stage', 'STAGES']
 
@@ -88,7 +87,7 @@ def _resnet_groups(b, space, groups, first_group=0, roi_count=None):
             block = 'group{}/block{}'.format(g, i)
             strided = i == 0 and (g > 0 or roi_count is not None)
             if block in cfg.PRUNE.DROPPED_BLOCKS:  # adds only its last norm's beta
-                ends, norms = [], [dropped_block_shift(block, bottleneck)]
+                ends, norms = [], [dropped_block_shift(block)]
             else:
                 ends, norms = [_block_branch(b, space, block, strided, bottleneck,
                                              (in_cells, out_cells))], []

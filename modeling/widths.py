@@ -13,7 +13,7 @@ import tensorflow.compat.v1 as tf
 
 from config import config as cfg
 
-__all__ = ['layer_width', 'gn_groups', 'scoped_name', 'block_dropped', 'dropped_block_shift']
+__all__ = ['layer_width', 'gn_groups', 'scoped_name', 'block_dropped']
 
 
 def scoped_name(name=''):
@@ -40,9 +40,3 @@ def block_dropped():
     current one (PRUNE.DROPPED_BLOCKS)."""
     return scoped_name() in cfg.PRUNE.DROPPED_BLOCKS
 
-
-def dropped_block_shift(block, bottleneck):
-    """The norm layer (variable scope) whose ``beta`` a dropped block keeps: that of the
-    branch's last conv, ``<block>/conv2/gn`` (basic block, GroupNorm), ``.../conv3/bn``."""
-    norm = 'gn' if cfg.BACKBONE.NORM == 'GN' else 'bn'
-    return '/'.join(p for p in (block, 'conv{}'.format(3 if bottleneck else 2), norm) if p)

@@ -23,9 +23,8 @@ import prune
 import pruning
 from config import config as cfg, finalize_configs
 from dataset import DatasetRegistry, register_shapes
-from modeling.backbone import num_blocks_for_depth
+from modeling.backbone import dropped_block_shift, residual_blocks
 from modeling.generalized_rcnn import build_model
-from modeling.widths import dropped_block_shift
 from tiny import configured
 from utils.training import WeightsLoader, read_weights
 
@@ -191,15 +190,12 @@ LIVE_BLOCKS = ('group0/block1', 'group2/block0')
 
 def _live_blocks(weights):
     rs = np.random.RandomState(1)
-    bottleneck = cfg.BACKBONE.DEPTH >= 50
-    for g, count in enumerate(num_blocks_for_depth(cfg.BACKBONE.DEPTH)):
-        for i in range(count):
-            block = 'group{}/block{}'.format(g, i)
-            norm = dropped_block_shift(block, bottleneck)
-            size = weights[norm + '/gamma'].shape
-            weights[norm + '/beta'] = rs.uniform(-.2, .2, size).astype(np.float32)
-            if block in LIVE_BLOCKS:
-                weights[norm + '/gamma'] = rs.uniform(.5, 1., size).astype(np.float32)
+    for block in residual_blocks():
+        norm = dropped_block_shift(block)
+        size = weights[norm + '/gamma'].shape
+        weights[norm + '/beta'] = rs.uniform(-.2, .2, size).astype(np.float32)
+        if block in LIVE_BLOCKS:
+            weights[norm + '/gamma'] = rs.uniform(.5, 1., size).astype(np.float32)
 
 
 def test_dropped_blocks_add_their_beta_and_change_no_output(tmp_path):
