@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tiny import assert_masks_match, configured, run_plain_tensorflow
+from tiny import assert_masks_match, configured, matching_order, run_plain_tensorflow
 
 # name -> config overrides of the exported model
 MODELS = {
@@ -100,20 +100,21 @@ def served(tmp_path_factory):
 
 def assert_same(got, prefix, index, want, shape):
     """Outputs ``prefix*`` (batch row ``index``) equal the in-project detections: same
-    count, classes and order, boxes within 0.5 px, scores within 1e-3, each mask IoU
-    >= 0.99 (`assert_masks_match`) and zero beyond the image (``shape``: its H, W)."""
+    count, classes and order (up to tied scores, `matching_order`), boxes within 0.5 px,
+    scores within 1e-3, each mask IoU >= 0.99 (`assert_masks_match`) and zero beyond the
+    image (``shape``: its H, W)."""
     n = int(got[prefix + 'num_detections'][index])
     assert n == len(want) > 0, (n, len(want))
     k = got[prefix + 'boxes'].shape[1]
-    np.testing.assert_array_equal(got[prefix + 'classes'][index, :n], [r.class_id for r in want])
+    classes, boxes, scores = (got[prefix + key][index, :n]
+                              for key in ('classes', 'boxes', 'scores'))
+    order = matching_order(list(zip(classes, boxes, scores)),
+                           [(r.class_id, r.box, r.score) for r in want], 0.5, 1e-3)
     assert not got[prefix + 'classes'][index, n:].any() and n <= k
-    np.testing.assert_allclose(got[prefix + 'boxes'][index, :n], [r.box for r in want], atol=0.5)
-    np.testing.assert_allclose(got[prefix + 'scores'][index, :n], [r.score for r in want],
-                               atol=1e-3)
     masks = got[prefix + 'masks'][index]
     h, w = shape
     assert not masks[:, h:].any() and not masks[:, :, w:].any()
-    assert_masks_match(masks[:n, :h, :w], [r.mask for r in want])
+    assert_masks_match(masks[order, :h, :w], [r.mask for r in want])
 
 
 @pytest.mark.parametrize('name', list(MODELS))
@@ -184,3 +185,14 @@ def test_bf16_export_needs_onednn(monkeypatch):
     monkeypatch.setattr(export, 'onednn_enabled', lambda: False)
     with pytest.raises(UserInputError, match='TF_ENABLE_ONEDNN_OPTS=1'):
         export.bf16_graph_def(tf.compat.v1.GraphDef(), [])
+
+
+def test_matching_order_swaps_only_tied_scores():
+    """The comparison above forgives two detections whose scores tie swapping places, and
+    nothing else: not a reorder of distinct scores, not a changed class or a moved box."""
+    a, b = (1, [0, 0, 10, 10], 0.9), (3, [5, 5, 20, 20], 0.5)
+    tied = (a[0], a[1], 0.5004)
+    assert matching_order([b, tied], [tied, b], 0.5, 1e-3) == [1, 0]
+    for got in ([b, a], [a, (2, b[1], b[2])], [a, (3, [5, 5, 21, 20], 0.5)]):
+        with pytest.raises(AssertionError):
+            matching_order(got, [a, b], 0.5, 1e-3)

@@ -1,6 +1,7 @@
 """Test helpers: a tiny model configuration for fast CPU tests, a context manager to apply
-it, a dataset split over given roidbs, a reference polygon rasteriser, and a fresh process
-with plain TensorFlow only."""
+it, a dataset split over given roidbs, a reference polygon rasteriser, detection and mask
+matching between two routes through one model, and a fresh process with plain TensorFlow
+only."""
 import contextlib
 import os
 import subprocess
@@ -124,6 +125,29 @@ def run_plain_tensorflow(body, workdir, **names):
     code = header + _PLAIN_PROLOGUE + textwrap.dedent(body) + _PLAIN_EPILOGUE
     return subprocess.run([sys.executable, '-c', code], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def matching_order(got, want, box_atol, score_atol):
+    """Detections ``(class id, box, score)`` of two routes through one model: the same set,
+    in the same order except where scores tie within ``score_atol`` (float differences
+    between the graphs may then swap two). Asserts each of ``want`` has its own match in
+    ``got`` (same class, box within ``box_atol`` px, score within ``score_atol``).
+
+    Returns:
+        list of int: ``order`` with got[order[i]] the match of want[i].
+    """
+    assert len(got) == len(want), (len(got), len(want))
+    free, order = list(range(len(got))), []
+    for i, (class_id, box, score) in enumerate(want):
+        j = next((j for j in free if got[j][0] == class_id and abs(got[j][2] - score) <= score_atol
+                  and np.allclose(got[j][1], box, rtol=0, atol=box_atol)), None)
+        assert j is not None, 'detection {} {} has no match in {}'.format(
+            i, (class_id, box, score), got)
+        assert all(abs(got[k][2] - score) <= score_atol for k in free[:free.index(j)]), \
+            'detection {} is out of score order'.format(i)
+        free.remove(j)
+        order.append(j)
+    return order
 
 
 def assert_masks_match(got, want):
