@@ -14,14 +14,19 @@ scoring at least --threshold stay, rounded up to a multiple of --granularity and
 least --min-channels; GroupNorm groups are kept or dropped whole. TRAIN.NORM_L1 > 0 (an L1
 penalty on the gammas) over a long schedule drives unneeded gammas to 0 for --criterion
 gamma. The RPN's and the heads' class / box outputs and the mask predictor are never
-pruned; --exclude keeps more layers whole.
+pruned; --exclude keeps more layers whole (their channels: their residual branches may
+still go by --drop-blocks).
 
 --drop-blocks G removes whole residual branches first: every ResNet block whose last norm
 layer has all |gamma| <= G computes relu(shortcut + beta) instead (PRUNE.DROPPED_BLOCKS).
 Such a branch adds gamma x (a unit-variance signal) + beta, so this changes the block's
 output by at most ~G per channel; a frozen stage's zero-initialised ends (gamma 0) go
-exactly. Each branch's largest |gamma| is printed, to choose G by. The channels are then
-pruned as above in what remains (--threshold 0: none).
+exactly; --keep-blocks REGEX keeps the blocks it matches. Each branch's largest |gamma| is
+printed, to choose G by. The channels are then pruned as above in what remains
+(--threshold 0: none). The demo's recipe, in one call (README.md, "Pruning"):
+
+    python prune.py --load train_log/demo --drop-blocks 0.5 --threshold 0.99 \
+        --min-channels 32 --exclude '^(group|conv0|fpn|rpn)|fastrcnn/fc' --output pruned/d
 
 --output gets the pruned weights (a checkpoint: ``--load OUTPUT`` reads it) and its
 config.yaml: the model's config (the one next to --load, unless --config-file is given)
@@ -70,8 +75,10 @@ def parse_args(argv=None):
     p.add_argument('--drop-blocks', type=float, metavar='G',
                    help='remove every residual branch whose last norm layer has all |gamma| '
                         '<= G (absolute; e.g. 0.05)')
+    p.add_argument('--keep-blocks', metavar='REGEX',
+                   help='residual blocks (e.g. "^group3/|group1/block0") --drop-blocks keeps')
     p.add_argument('--exclude', metavar='REGEX',
-                   help='layers (variable scopes, e.g. "^fpn/|rpn") to keep whole')
+                   help='layers (variable scopes, e.g. "^fpn/|rpn") whose channels stay whole')
     add_config_arguments(p)
     args = p.parse_args(argv)
     missing = [f for f in ('load', 'threshold', 'output') if getattr(args, f) is None]
@@ -89,6 +96,9 @@ def check_args(args):
     if args.drop_blocks is not None and args.drop_blocks < 0:
         raise UserInputError('--drop-blocks must be >= 0 (a |gamma| bound), got {}.'.format(
             args.drop_blocks))
+    if args.keep_blocks is not None and args.drop_blocks is None:
+        raise UserInputError('--keep-blocks names blocks for --drop-blocks to keep; give '
+                             '--drop-blocks too.')
     if args.granularity < 1 or args.min_channels < 1:
         raise UserInputError('--granularity and --min-channels must be >= 1.')
     if os.path.isdir(args.output) and os.listdir(args.output):
@@ -101,8 +111,10 @@ def prune(args):
     from modeling.channel_spaces import channel_spaces
     from utils.training import UserInputError, read_weights
     options = pruning.PruneOptions(args.threshold, args.granularity, args.min_channels,
-                                   args.equalization, pruning.compile_exclude(args.exclude),
+                                   args.equalization,
+                                   pruning.compile_regex(args.exclude, '--exclude'),
                                    args.criterion)
+    keep_blocks = pruning.compile_regex(args.keep_blocks, '--keep-blocks')
     weights = read_weights(args.load)
     _, cells = channel_spaces()  # every layer the model has now: the table's "before"
     dropped = []
@@ -110,10 +122,13 @@ def prune(args):
         if cfg.BACKBONE.NORM == 'None':
             raise UserInputError('--drop-blocks needs a backbone with norm layers (it reads '
                                  'their gamma); BACKBONE.NORM is None.')
-        dropped = pruning.blocks_to_drop(weights, args.drop_blocks, options.exclude)
+        gammas = pruning.branch_gammas(weights)
+        if keep_blocks and not any(keep_blocks.search(b) for b in gammas):
+            raise UserInputError('--keep-blocks {!r} matches no residual block: {}.'.format(
+                args.keep_blocks, ', '.join(gammas) or 'none has its branch'))
+        dropped = pruning.blocks_to_drop(weights, args.drop_blocks, keep_blocks)
         print('largest |gamma| ending each residual branch (* removed): ' + ', '.join(
-            '{} {:.3f}{}'.format(b, g, '*' if b in dropped else '')
-            for b, g in pruning.branch_gammas(weights, options.exclude).items()))
+            '{} {:.3f}{}'.format(b, g, '*' if b in dropped else '') for b, g in gammas.items()))
     with cfg.override({'PRUNE.DROPPED_BLOCKS': list(cfg.PRUNE.DROPPED_BLOCKS) + dropped}):
         spaces, _ = channel_spaces()
     result = pruning.prune_weights(pruning.drop_blocks(weights, dropped), spaces, options,

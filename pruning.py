@@ -199,24 +199,25 @@ def prune_weights(weights, spaces, options, gn_groups=None):
     return PruneResult(weights, channels, gn_groups)
 
 
-def branch_gammas(weights, exclude=None):
+def branch_gammas(weights):
     """{block ('group<g>/block<i>'): largest |gamma| of the norm layer ending its residual
     branch}, in order, for the configured backbone's blocks that still have their branch
-    (a gamma in ``weights``) and none of whose convs ``exclude`` (regex or None) matches."""
+    (a gamma in ``weights``)."""
     found = collections.OrderedDict()
     for block in residual_blocks():
         gamma = weights.get(dropped_block_shift(block) + '/gamma')
-        convs = [block + '/conv{}'.format(k) for k in (1, 2, 3, 'shortcut')]
-        if gamma is not None and not (exclude and any(exclude.search(c) for c in convs)):
+        if gamma is not None:
             found[block] = float(np.abs(gamma).max())
     return found
 
 
-def blocks_to_drop(weights, max_gamma, exclude=None):
-    """The blocks of ``branch_gammas`` whose branch's last gamma is <= ``max_gamma``: the
-    branch adds gamma x (a signal of unit variance) + beta, so without it the block's
-    output moves by at most ~max_gamma per channel."""
-    return [b for b, g in branch_gammas(weights, exclude).items() if g <= max_gamma]
+def blocks_to_drop(weights, max_gamma, keep=None):
+    """The blocks of ``branch_gammas`` whose branch's last gamma is <= ``max_gamma`` and
+    whose name ``keep`` (regex or None) does not match: the branch adds gamma x (a signal
+    of unit variance) + beta, so without it the block's output moves by at most
+    ~max_gamma per channel."""
+    return [b for b, g in branch_gammas(weights).items()
+            if g <= max_gamma and not (keep and keep.search(b))]
 
 
 def drop_blocks(weights, blocks):
@@ -288,12 +289,13 @@ def write_pruned_model(weights, output_dir, channels, gn_groups, dropped_blocks=
     return merged
 
 
-def compile_exclude(pattern):
-    """--exclude as a compiled regex (None for None); UserInputError if it is invalid."""
+def compile_regex(pattern, flag):
+    """The value of command-line flag ``flag`` compiled as a regex (None for None);
+    UserInputError if it is invalid."""
     if pattern is None:
         return None
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise UserInputError('--exclude {!r} is not a valid regular expression: {}.'.format(
-            pattern, e)) from None
+        raise UserInputError('{} {!r} is not a valid regular expression: {}.'.format(
+            flag, pattern, e)) from None

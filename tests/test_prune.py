@@ -201,7 +201,7 @@ def _live_blocks(weights):
             weights[norm + '/gamma'] = rs.uniform(.5, 1., size).astype(np.float32)
 
 
-def test_dropped_blocks_add_their_beta_and_change_no_output(tmp_path):
+def test_dropped_blocks_add_their_beta_and_change_no_output(tmp_path, capsys):
     """--drop-blocks 0 removes exactly the branches whose last gamma is 0 (strided blocks
     keep their shortcut conv); the model computes relu(shortcut + beta) there, which is
     what those branches computed, so the detections stay the same."""
@@ -227,6 +227,12 @@ def test_dropped_blocks_add_their_beta_and_change_no_output(tmp_path):
         assert cfg.PRUNE.DROPPED_BLOCKS == dropped + list(LIVE_BLOCKS)
     assert not any(re.match(r'group\d/block\d/conv\d/W', k) for k in read_weights(again))
     assert detections(again, _image())[0].shape[1] == 4
+    capsys.readouterr()
+    assert run_prune('--load', model, '--threshold', 0, '--drop-blocks', 0, '--keep-blocks',
+                     'grop1', '--output', tmp_path / 'typo') == 1
+    assert "Error: --keep-blocks 'grop1' matches no residual block: group0/block0, " \
+        "group0/block1, group1/block0" in capsys.readouterr().err
+    assert not (tmp_path / 'typo').exists()
 
 
 def test_norm_l1_penalises_every_trained_gamma():
@@ -256,7 +262,8 @@ VARIANTS = [  # every backbone family, norm, head and the cascade, pruned and re
     (['BACKBONE.NORM=SyncBN', 'FPN.FRCNN_HEAD_FUNC=fastrcnn_4conv1fc_head'], 'fpn-syncbn-4conv',
      []),
     # fresh weights: every branch ends in gamma 0; res4 and res5 (on the RoIs) go
-    (C4_R50, 'c4-r50-dropped', ['--drop-blocks', 0, '--exclude', '^rpn/|^group[01]/']),
+    (C4_R50, 'c4-r50-dropped', ['--drop-blocks', 0, '--keep-blocks', '^group[01]/',
+                                '--exclude', '^rpn/']),
 ]
 
 
@@ -303,11 +310,12 @@ E2E = [pytest.param(['BACKBONE.NORM=GN'] + GN_DEMO, id='r18-gn-demo'),
 
 @pytest.mark.parametrize('overrides', E2E)
 def test_pruned_model_trains_predicts_and_exports(overrides, tmp_path):
-    """Channels pruned at 0.9 and the residual branches left at gamma 0 removed."""
+    """Channels pruned at 0.9 but res2's (--exclude) and the residual branches left at
+    gamma 0 removed, res2's too (--exclude keeps channels, not blocks)."""
     model = make_model(str(tmp_path / 'model'), overrides, edit=_live_blocks)
     pruned = str(tmp_path / 'pruned')
     p = run_script(['prune.py', '--load', model, '--threshold', 0.9, '--output', pruned,
-                    '--drop-blocks', 0.])
+                    '--drop-blocks', 0., '--exclude', '^group0/'])
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r'^total .*->', p.stdout, re.M), p.stdout[-2000:]
     assert re.search(r'prune.py: \d+ residual branches removed', p.stdout), p.stdout[-2000:]
@@ -318,7 +326,8 @@ def test_pruned_model_trains_predicts_and_exports(overrides, tmp_path):
     assert 'Not loaded' not in p.stdout + p.stderr
     with model_config(pruned):
         widths, dropped = dict(cfg.PRUNE.CHANNELS), list(cfg.PRUNE.DROPPED_BLOCKS)
-    assert dropped and not set(dropped) & set(LIVE_BLOCKS)
+    assert dropped and not set(dropped) & set(LIVE_BLOCKS) and 'group0/block0' in dropped
+    assert widths and not any(layer.startswith('group0/') for layer in widths)
     with model_config(logdir):  # the retrained run keeps the pruned widths and blocks
         assert cfg.PRUNE.CHANNELS == widths and cfg.TRAIN.WEIGHT_DECAY == 0.
         assert cfg.PRUNE.DROPPED_BLOCKS == dropped
@@ -355,6 +364,10 @@ BAD = [  # (arguments after --load MODEL, pattern of the one Error: line)
      r'--drop-blocks must be >= 0'),
     (['--threshold', '0', '--output', '{tmp}/j', '--drop-blocks', '0.1'],  # BACKBONE.NORM=None
      r'--drop-blocks needs a backbone with norm layers'),
+    (['--threshold', '0', '--output', '{tmp}/k', '--keep-blocks', 'group3'],
+     r'--keep-blocks .* give --drop-blocks too'),
+    (['--threshold', '0', '--output', '{tmp}/l', '--drop-blocks', '0', '--keep-blocks', '[a'],
+     r'--keep-blocks .* not a valid regular'),
 ]
 
 
@@ -371,4 +384,4 @@ def test_bad_arguments_are_one_line_errors(tiny_model, tmp_path):
         errors = [line for line in p.stderr.splitlines() if line.startswith('Error: ')]
         assert p.returncode == 1 and 'Traceback' not in p.stderr, info
         assert len(errors) == 1 and re.search(pattern, errors[0]), info
-    assert not any(os.path.exists(tmp_path / d) for d in 'acdeghij')
+    assert not any(os.path.exists(tmp_path / d) for d in 'acdeghijkl')
