@@ -6,7 +6,7 @@ import tensorflow.compat.v1 as tf
 
 from eval import predict_image, predict_images
 from eval_batch import BatchModel
-from tests.tiny import configured, matching_order
+from tests.tiny import configured, matching_order, spread_class_scores
 
 
 def _images():
@@ -47,6 +47,7 @@ def test_batched_prediction_equals_prediction_alone(overrides, tmp_path):
     from utils.training import WeightsLoader
     with configured(overrides + ['TEST.RESULT_SCORE_THRESH=0.01'], is_training=False):
         single = build_predictor(None)
+        spread_class_scores(single.sess, 10.)  # scores ~10x further apart
         path = str(tmp_path / 'weights.npz')
         _save_random_weights(single, path)
         single = build_predictor(WeightsLoader(path))

@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tiny import assert_masks_match, configured, matching_order, run_plain_tensorflow
+from tiny import (assert_masks_match, configured, matching_order, run_plain_tensorflow,
+                  spread_class_scores)
 
 # name -> config overrides of the exported model
 MODELS = {
@@ -62,6 +63,7 @@ def _export_model(name, folder):
     with configured(MODELS[name], is_training=False) as cfg:
         channels = cfg.PREPROC.IMAGE_CHANNELS
         predictor = predict.build_predictor(None)
+        spread_class_scores(predictor.sess, 10.)  # scores ~10x further apart
         images = []
         for i, (h, w) in enumerate(SIZES):
             bgr = rs.randint(0, 256, size=(h, w, 3)).astype(np.uint8)

@@ -36,7 +36,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tensorflow.core.framework import types_pb2
 
-from tiny import TINY, assert_masks_match, configured, matching_order, run_plain_tensorflow
+from tiny import (TINY, assert_masks_match, configured, matching_order, run_plain_tensorflow,
+                  spread_class_scores)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
@@ -51,7 +52,7 @@ BF16_DEMO_AP_TOLERANCE = 0.005  # the issue's target for the trained demo model
 AP_KEYS = {'bbox': 'mAP(bbox)/IoU=0.5:0.95', 'segm': 'mAP(segm)/IoU=0.5:0.95'}
 DETECTIONS_CHECKED = 5  # images whose detections are compared one by one
 SEED = 3  # of the tiny model's random weights
-LOGIT_SPREAD = 100.  # scales the random class-logit weights (write_tiny_model_and_split)
+LOGIT_SPREAD = 100.  # scales the random class-logit weights (tiny.spread_class_scores)
 
 PLAIN_TF = """
     import json
@@ -263,12 +264,7 @@ def write_tiny_model_and_split(tmp):
             tf.compat.v1.set_random_seed(SEED)
             predictor = OfflinePredictor(config)
             variables = tf.compat.v1.global_variables()
-            # Fresh box features share a large positive part (after ReLU), which makes one
-            # class win everywhere: zero-sum class-logit weights cancel it, and scaled up
-            # they let every class (and category id) win somewhere.
-            logits = next(v for v in variables if v.op.name == 'fastrcnn/outputs/class/W')
-            w = predictor.sess.run(logits)  # [features, classes]
-            logits.load((w - w.mean(axis=0)) * LOGIT_SPREAD, predictor.sess)
+            spread_class_scores(predictor.sess, LOGIT_SPREAD)  # every category id wins somewhere
         weights = os.path.join(tmp, 'weights.npz')
         np.savez(weights, **{v.op.name: x for v, x in
                              zip(variables, predictor.sess.run(variables))})

@@ -25,7 +25,7 @@ from config import config as cfg, finalize_configs
 from dataset import DatasetRegistry, register_shapes
 from modeling.backbone import dropped_block_shift, residual_blocks
 from modeling.generalized_rcnn import build_model
-from tiny import configured, matching_order
+from tiny import configured, matching_order, spread_class_scores
 from utils.training import WeightsLoader, read_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +49,7 @@ def make_model(folder, overrides, edit=None):
             variables = tf.global_variables()
             with tf.Session() as sess:
                 sess.run(tf.global_variables_initializer())
+                spread_class_scores(sess, 10.)  # scores ~10x further apart
                 if edit is not None:
                     values = dict(zip([v.op.name for v in variables], sess.run(variables)))
                     edit(values)

@@ -1,7 +1,7 @@
 """Test helpers: a tiny model configuration for fast CPU tests, a context manager to apply
 it, a dataset split over given roidbs, a reference polygon rasteriser, detection and mask
-matching between two routes through one model, and a fresh process with plain TensorFlow
-only."""
+matching between two routes through one model (and untrained class scores spread apart
+for it), and a fresh process with plain TensorFlow only."""
 import contextlib
 import os
 import subprocess
@@ -125,6 +125,26 @@ def run_plain_tensorflow(body, workdir, **names):
     code = header + _PLAIN_PROLOGUE + textwrap.dedent(body) + _PLAIN_EPILOGUE
     return subprocess.run([sys.executable, '-c', code], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def spread_class_scores(sess, factor):
+    """Load zero-sum class-logit weights, scaled by ``factor``, into the box heads of a
+    freshly initialised model in ``sess`` (a predictor's). Fresh box features share a large
+    positive part (after ReLU) that makes one class win everywhere, by a hair: the scores
+    of similar boxes lie ~1e-4 apart, where float noise between two routes through the
+    model may reorder them or change which make the top k. Zero-sum weights cancel the
+    shared part; scaled by 10 they spread the scores ~10x further apart, by 100 they let
+    every class win somewhere.
+    """
+    import re
+    import tensorflow as tf
+    with sess.graph.as_default():
+        logits = [v for v in tf.compat.v1.global_variables() if re.match(
+            r'(fastrcnn|cascade_rcnn_stage\d)(/outputs)?/class/W$', v.op.name)]
+        assert logits, 'no class-logit layer'
+        for v in logits:
+            w = sess.run(v)  # [features, classes]
+            v.load((w - w.mean(axis=0)) * factor, sess)
 
 
 def matching_order(got, want, box_atol, score_atol):
