@@ -311,8 +311,8 @@ E2E = [pytest.param(['BACKBONE.NORM=GN'] + GN_DEMO, id='r18-gn-demo'),
 
 @pytest.mark.parametrize('overrides', E2E)
 def test_pruned_model_trains_predicts_and_exports(overrides, tmp_path):
-    """Channels pruned at 0.9 but res2's (--exclude) and the residual branches left at
-    gamma 0 removed, res2's too (--exclude keeps channels, not blocks)."""
+    """Channels pruned at 0.9 except res2's (--exclude), and every residual branch left at
+    gamma 0 removed, res2's too: --exclude keeps channels, not blocks."""
     model = make_model(str(tmp_path / 'model'), overrides, edit=_live_blocks)
     pruned = str(tmp_path / 'pruned')
     p = run_script(['prune.py', '--load', model, '--threshold', 0.9, '--output', pruned,
